@@ -1,0 +1,88 @@
+"""The training run's typed schema, registered in Hydra's ConfigStore.
+
+``conf/train.yaml`` starts its defaults list with ``train_schema``, so every group's YAML is merged into
+these dataclasses: an unknown key or a value of the wrong type is an error at composition time, not a
+silently ignored setting. ``to_run_config`` turns the composed DictConfig into plain dataclass objects;
+nothing below ``framework.train`` ever sees the raw config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from framework.cluster.config import ClusterConfig
+from framework.data.config import DataConfig
+from framework.distributed.config import PrecisionConfig, StrategyConfig
+from framework.models.config import ModelConfig
+from framework.objectives.config import ObjectiveConfig, OptimConfig
+from framework.tracking.config import LoggerConfig
+
+
+def _model_spec_fields() -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(ModelConfig)
+    return [(f.name, Optional[hints[f.name]], None) for f in dataclasses.fields(ModelConfig) if f.name != "name"]
+
+
+# ``model.preset`` names a shape in framework.models.config.PRESETS; any other field overrides it.
+ModelSpec = dataclasses.make_dataclass("ModelSpec", [("preset", str, "tiny")] + _model_spec_fields())
+
+
+def resolve_model(spec: Any) -> ModelConfig:
+    overrides = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "preset"}
+    return ModelConfig.from_name(spec.preset, **overrides)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    val_check_interval: int = 50  # optimizer steps between validations
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint_every_n_steps: int = 100
+    keep_checkpoints: int = 2  # newest step checkpoints kept beside last.ckpt (-1 keeps all)
+
+
+@dataclass
+class TrainConfig:
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    name: str = "default"  # the run's name; its directory is runs/<name> (Hydra's hydra.run.dir)
+    run_dir: str = ""  # "" = Hydra's output directory for this run
+    seed: int = 1234
+    resume: str = "auto"  # auto (newest complete checkpoint in run_dir, if any) | never | <path to a .ckpt>
+    torch_threads: int = 0  # 0 = torch's default
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def to_run_config(cfg: DictConfig) -> TrainConfig:
+    """Validate against the schema and return dataclass objects (a typo or a bad type raises here)."""
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    return OmegaConf.to_object(merged)

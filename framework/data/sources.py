@@ -1,0 +1,155 @@
+"""Text sources: the embedded default corpus, local files, and ``datasets`` hub datasets.
+
+Every source yields ``(doc_id, text)`` pairs in a deterministic order. The train/validation split is
+made per document by a stable hash of ``doc_id`` (``is_validation``), so it does not depend on order,
+on the number of processes, or on Python's per-process string-hash seed.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from framework.data.config import DataConfig
+
+Document = tuple[str, str]
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha1(doc_id.encode("utf-8")).digest()[:8], "big")
+    return (h % 1_000_000) < int(round(val_fraction * 1_000_000))
+
+
+# --------------------------------------------------------------------------- embedded corpus
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+
+
+def stdlib_documents(min_chars: int = 40) -> Iterator[Document]:
+    """Docstrings of every module, class and function in the standard library, then pydoc's topics.
+
+    Parsed with ``ast`` (nothing is imported or executed). Real English technical prose, about
+    1.8 MB on CPython 3.11, present on every machine that has Python.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts)))
+    for path in files:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    name = getattr(node, "name", "<module>")
+                    yield f"stdlib:{rel}:{name}:{getattr(node, 'lineno', 0)}", doc
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        return
+    for key in sorted(topics):
+        if len(topics[key]) >= min_chars:
+            yield f"pydoc:{key}", topics[key]
+
+
+# --------------------------------------------------------------------------- local files
+def _expand(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for pattern in paths:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise FileNotFoundError(
+                f"data.paths entry {pattern!r} matches no file; give existing .txt/.jsonl/.json/.parquet paths or globs."
+            )
+        for m in matches:
+            p = Path(m)
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+    return out
+
+
+def file_documents(paths: list[str], text_field: str, min_chars: int) -> Iterator[Document]:
+    for path in _expand(paths):
+        suffix = path.suffix.lower()
+        if suffix in (".txt", ".md", ".text"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if len(text) >= min_chars:
+                yield f"file:{path}", text
+        elif suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                rows = (json.loads(line) for line in f if line.strip()) if suffix == ".jsonl" else iter(json.load(f))
+                for i, row in enumerate(rows):
+                    text = _field(row, text_field, path)
+                    if len(text) >= min_chars:
+                        yield f"file:{path}:{i}", text
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, columns=[text_field])
+            for i, text in enumerate(table.column(text_field).to_pylist()):
+                if text and len(text) >= min_chars:
+                    yield f"file:{path}:{i}", text
+        else:
+            raise ValueError(f"cannot read {path}: data files must be .txt, .md, .jsonl, .json or .parquet.")
+
+
+def _field(row: dict, text_field: str, where: Path) -> str:
+    if text_field not in row:
+        raise KeyError(f"{where}: a record has no field {text_field!r}; set data.text_field to the text column's name.")
+    return row[text_field] or ""
+
+
+# --------------------------------------------------------------------------- datasets hub
+def hub_documents(name: str, config: str, split: str, streaming: bool, text_field: str, min_chars: int,
+                  max_documents: int) -> Iterator[Document]:
+    import datasets
+
+    ds = datasets.load_dataset(name, config or None, split=split, streaming=streaming)
+    for i, row in enumerate(ds):
+        if max_documents and i >= max_documents:
+            break
+        text = row.get(text_field) or ""
+        if len(text) >= min_chars:
+            yield f"hub:{name}:{config}:{split}:{i}", text
+
+
+# --------------------------------------------------------------------------- dispatch
+def iter_documents(cfg: DataConfig) -> Iterator[Document]:
+    if cfg.source == "stdlib":
+        docs = stdlib_documents(cfg.min_document_chars)
+    elif cfg.source == "files":
+        if not cfg.paths:
+            raise ValueError("data.source=files needs data.paths=[...] (text, JSONL or Parquet files).")
+        docs = file_documents(list(cfg.paths), cfg.text_field, cfg.min_document_chars)
+    elif cfg.source == "hub":
+        if not cfg.hub_name:
+            raise ValueError("data.source=hub needs data.hub_name=<a datasets hub name>.")
+        return hub_documents(cfg.hub_name, cfg.hub_config, cfg.hub_split, cfg.streaming, cfg.text_field,
+                             cfg.min_document_chars, cfg.max_documents)
+    else:
+        raise ValueError(f"data.source={cfg.source!r} is not one of 'stdlib', 'files', 'hub'.")
+    if cfg.max_documents:
+        return (d for i, d in enumerate(docs) if i < cfg.max_documents)
+    return docs
+
+
+def source_fingerprint(cfg: DataConfig) -> dict:
+    """What identifies the raw text, so prepared data is reused only for the same corpus."""
+    fp: dict = {"source": cfg.source, "max_documents": cfg.max_documents, "min_document_chars": cfg.min_document_chars,
+                "val_fraction": cfg.val_fraction}
+    if cfg.source == "stdlib":
+        fp["python"] = sys.version.split()[0]
+        fp["stdlib"] = sysconfig.get_paths()["stdlib"]
+    elif cfg.source == "files":
+        fp["files"] = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in _expand(list(cfg.paths))]
+        fp["text_field"] = cfg.text_field
+    elif cfg.source == "hub":
+        fp.update(hub_name=cfg.hub_name, hub_config=cfg.hub_config, hub_split=cfg.hub_split, text_field=cfg.text_field)
+    return fp

@@ -1,0 +1,131 @@
+"""Model configuration: one dataclass for all three families, named presets, exact parameter counts.
+
+Follows LitGPT's ``Config.from_name(name, **overrides)`` pattern: derived fields are filled in
+``__post_init__`` so a preset plus overrides is always a complete, consistent shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return ((x + multiple - 1) // multiple) * multiple
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a transformer.
+
+    ``family`` picks the architecture: ``decoder`` (GPT/Llama-style, causal), ``encoder``
+    (BERT-style, bidirectional) or ``encoder_decoder`` (T5 v1.1-style).
+    ``vocab_size`` 0 means "take it from the tokenizer"; the embedding is padded up to
+    ``pad_vocab_multiple`` rows (padding rows are never produced by the tokenizer).
+    """
+
+    name: str = "custom"
+    family: str = "decoder"
+    vocab_size: int = 0
+    pad_vocab_multiple: int = 64
+    d_model: int = 256
+    n_layers: int = 4  # decoder-only / encoder-only layers; encoder layers for encoder_decoder
+    n_decoder_layers: int = 0  # encoder_decoder only; 0 means "same as n_layers"
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 means "same as n_heads" (multi-head); fewer gives grouped-query attention
+    head_dim: int = 0  # 0 means d_model // n_heads
+    d_ff: int = 0  # SwiGLU hidden size; 0 means round_up(8/3 * d_model, ffn_multiple)
+    ffn_multiple: int = 64
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    # T5-style relative position bias (encoder_decoder; the encoder family may use it too)
+    position: str = "rope"  # "rope" | "relative_bias"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"model.family={self.family!r} is not one of {FAMILIES}; pick a preset with model=<name> "
+                f"or set model.family to one of those."
+            )
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim == 0:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                    "change one of them or set model.head_dim explicitly."
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}."
+            )
+        if self.d_ff == 0:
+            self.d_ff = _round_up(int(8 * self.d_model / 3), self.ffn_multiple)
+        if self.family == "encoder_decoder" and self.n_decoder_layers == 0:
+            self.n_decoder_layers = self.n_layers
+        if self.position not in ("rope", "relative_bias"):
+            raise ValueError(f"model.position={self.position!r} must be 'rope' or 'relative_bias'.")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}.")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def padded_vocab_size(self) -> int:
+        if self.vocab_size <= 0:
+            raise ValueError("model.vocab_size is unset; it is filled in from the tokenizer before the model is built.")
+        return _round_up(self.vocab_size, self.pad_vocab_multiple)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with ``changes`` applied and derived fields recomputed where they were derived."""
+        base = dataclasses.asdict(self)
+        base.update(changes)
+        return ModelConfig(**base)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}.")
+        kwargs = dict(PRESETS[name])
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(name=name, **kwargs)
+
+    def num_parameters(self) -> int:
+        """Exact number of trainable parameters of the model this config builds (padded vocab)."""
+        return count_parameters(self)
+
+
+# Named shapes. Decoder sizes follow GPT-2 small/medium/large/XL widths and depths (with a SwiGLU MLP
+# of hidden 8/3 d, so the counts differ slightly from GPT-2's 4d GELU MLP).
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny shapes for tests and CPU runs (torchtitan's debug model is dim 256, 6 layers)
+    "tiny": dict(family="decoder", d_model=64, n_layers=2, n_heads=4, max_seq_len=256),
+    "small-cpu": dict(family="decoder", d_model=192, n_layers=4, n_heads=6, max_seq_len=512),  # README quickstart
+    "gpt2-small": dict(family="decoder", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "gpt2-medium": dict(family="decoder", d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    "gpt2-large": dict(family="decoder", d_model=1280, n_layers=36, n_heads=20, max_seq_len=1024),
+    "gpt-1.3b": dict(family="decoder", d_model=2048, n_layers=24, n_heads=16, max_seq_len=2048),
+}
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Closed-form parameter count per family; tests check it against ``sum(p.numel())``."""
+    d, hd, ff = cfg.d_model, cfg.head_dim, cfg.d_ff
+    v = cfg.padded_vocab_size
+    attn = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d  # wq, wk, wv, wo
+    mlp = 3 * d * ff  # SwiGLU: gate, up, down
+    norms = 2 * d  # pre-attention and pre-MLP RMSNorm weights
+    if cfg.family == "decoder":
+        embed = v * d
+        head = 0 if cfg.tie_embeddings else v * d
+        return embed + cfg.n_layers * (attn + mlp + norms) + d + head
+    raise NotImplementedError(f"no parameter count for model family {cfg.family!r} yet")

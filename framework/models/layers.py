@@ -1,0 +1,180 @@
+"""Transformer building blocks shared by all three model families.
+
+- RMSNorm: Zhang & Sennrich 2019, "Root Mean Square Layer Normalization" (computed in float32, as Llama).
+- Rotary positions: Su et al. 2021, "RoFormer", in the half-split ("rotate_half") layout Llama uses,
+  so a decoder exports to transformers' LlamaForCausalLM without permuting weights.
+- SwiGLU MLP: Shazeer 2020, "GLU Variants Improve Transformer": down(silu(gate(x)) * up(x)).
+- Attention through ``torch.nn.functional.scaled_dot_product_attention`` with optional grouped-query
+  heads, an additive bias (T5 relative positions) and a key/value cache for generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (seq_len, head_dim) in float32, half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hd); cos/sin: (T, hd). Rotation done in float32, result in x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer key/value cache for incremental decoding: tensors of shape (B, n_kv_heads, T, hd)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens cached so far (read before a forward pass; layers update one by one during it)."""
+        return self.layer_len(0)
+
+    def layer_len(self, layer: int) -> int:
+        k = self.keys[layer]
+        return 0 if k is None else k.shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) attention. Self-attention when ``kv_input`` is None, else cross."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, d)
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin for the query positions, (T, hd)
+        is_causal: bool = False,
+        attn_bias: torch.Tensor | None = None,  # additive, broadcastable to (B, nh, T, S); bool = keep-mask
+        kv_input: torch.Tensor | None = None,  # (B, S, d) for cross-attention
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        src = x if kv_input is None else kv_input
+        S = src.shape[1]
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        v = self.wv(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.layer_len(layer_idx)
+            k, v = kv_cache.update(layer_idx, k, v)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        mask = attn_bias
+        causal = is_causal
+        if is_causal and past > 0:
+            # incremental decoding: query i sits at absolute position past + i; build the mask explicitly
+            q_pos = torch.arange(past, past + T, device=x.device)[:, None]
+            k_pos = torch.arange(k.shape[2], device=x.device)[None, :]
+            keep = k_pos <= q_pos  # (T, S_total)
+            mask = keep if mask is None else _combine(mask, keep)
+            causal = False
+        elif is_causal and mask is not None:
+            keep = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            mask = _combine(mask, keep)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal, scale=scale
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.wo(y)
+
+
+def _combine(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Combine an attention mask (bool keep-mask or additive float bias) with a boolean keep-mask."""
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, norm_eps: float,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm_attn = RMSNorm(d_model, norm_eps)
+        self.attn = Attention(d_model, n_heads, n_kv_heads, head_dim, dropout)
+        self.norm_mlp = RMSNorm(d_model, norm_eps)
+        self.mlp = SwiGLU(d_model, d_ff)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm_attn(x), **attn_kwargs))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
+    """GPT-2 style init: N(0, std) for linears and embeddings, output projections scaled by 1/sqrt(2L)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        if name.endswith("wo.weight") or name.endswith("w_down.weight"):
+            nn.init.normal_(p, mean=0.0, std=std / (2 * n_layers) ** 0.5)
+        else:
+            nn.init.normal_(p, mean=0.0, std=std)

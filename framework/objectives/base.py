@@ -1,0 +1,138 @@
+"""What all three objectives share: optimizer grouping, the LR schedule, token accounting and logging.
+
+A subclass says which model family it trains (``family``), how long a raw window of tokens must be
+for a given model sequence length (``window_length``), how raw windows become a batch (``collate``)
+and how a batch becomes a loss (``compute_loss``). Everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+
+from framework.data.tokenizer import SpecialIds
+from framework.models import ModelConfig, build_model
+from framework.objectives.config import ObjectiveConfig, OptimConfig
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier on the peak LR: linear warmup from ~0 to 1, then cosine from 1 to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (embeddings and linear weights) only, never on norms or biases."""
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class PretrainModule(L.LightningModule):
+    family: ClassVar[str] = "decoder"
+    objective_name: ClassVar[str] = ""
+
+    def __init__(self, model_config: dict, optim: dict, objective: dict, special_ids: dict, max_steps: int,
+                 seq_len: int) -> None:
+        super().__init__()
+        # plain dicts, so the checkpoint's hyper_parameters rebuild the module (export, generate, resume)
+        self.save_hyperparameters()
+        self.model_config = ModelConfig(**model_config)
+        self.optim_config = OptimConfig(**optim)
+        self.objective_config = ObjectiveConfig(**objective)
+        self.special_ids = SpecialIds(**{k: tuple(v) if k == "sentinels" else v for k, v in special_ids.items()})
+        self.max_steps = max_steps
+        self.seq_len = seq_len
+        if self.model_config.family != self.family:
+            raise ValueError(
+                f"objective={self.objective_name} trains a {self.family!r} model, but the model preset "
+                f"{self.model_config.name!r} is a {self.model_config.family!r}; pick a {self.family} preset "
+                f"(see `model=` options in conf/model/)."
+            )
+        self.model = build_model(self.model_config)
+        self.tokens_seen = 0  # input tokens processed by all ranks, restored on resume
+        self._val_sum = torch.zeros(())
+        self._val_count = torch.zeros(())
+
+    # ------------------------------------------------------------------ subclass interface
+    @classmethod
+    def window_length(cls, seq_len: int, objective: ObjectiveConfig) -> int:
+        raise NotImplementedError
+
+    def collator(self):
+        """A picklable callable turning (B, window_length) windows into the batch ``compute_loss`` takes,
+        or None when the windows are the batch. It runs in DataLoader workers, so it must not hold the model."""
+        return None
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss over the positions that count, and the number of those positions."""
+        raise NotImplementedError
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Input tokens one micro-batch feeds the model (for throughput and tokens-seen)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.compute_loss(batch)
+        self.tokens_seen += self.batch_tokens(batch) * self.trainer.world_size
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "on_micro_batch_consumed"):
+            dm.on_micro_batch_consumed()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        if opt is not None:
+            self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, count = self.compute_loss(batch)
+        self._val_sum += loss.double() * count
+        self._val_count += count
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        val_loss = (total / count.clamp_min(1)).float()  # token-weighted mean over all ranks, in nats
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log("val/ppl", torch.exp(val_loss.clamp(max=50)), sync_dist=False)
+
+    def configure_optimizers(self):
+        o = self.optim_config
+        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+
+
+def module_kwargs(model_config: ModelConfig, optim: OptimConfig, objective: ObjectiveConfig, special_ids: SpecialIds,
+                  max_steps: int, seq_len: int) -> dict:
+    return dict(model_config=dataclasses.asdict(model_config), optim=dataclasses.asdict(optim),
+                objective=dataclasses.asdict(objective), special_ids=dataclasses.asdict(special_ids),
+                max_steps=max_steps, seq_len=seq_len)

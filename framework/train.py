@@ -1,0 +1,138 @@
+"""Hydra entry point: compose -> validate -> build data, objective and trainer -> fit.
+
+    fw-train                                  # causal LM on the embedded stdlib corpus (CPU-friendly)
+    fw-train objective=clm model=gpt2-small data.seq_len=1024 trainer.max_steps=10000
+    fw-train -m optim.lr=1e-3,3e-4            # a Hydra multirun sweep
+
+Every rank runs this function; data preparation is guarded by a file lock, so ranks share one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
+from framework.data.datamodule import PretrainDataModule
+from framework.data.prepare import prepare_data
+from framework.distributed.checkpoints import resolve_resume
+from framework.distributed.strategies import build_strategy
+from framework.objectives import objective_class
+from framework.objectives.base import module_kwargs
+from framework.tracking.loggers import build_loggers
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
+
+
+def _is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 and int(
+        os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def build_run(cfg: TrainConfig, run_dir: Path):
+    """Everything ``fit`` needs, built from the typed config: (trainer, module, datamodule, prepared)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    prepared = prepare_data(cfg.data, progress=_is_global_zero())
+
+    model_config = resolve_model(cfg.model).replace(vocab_size=prepared.vocab_size)
+    objective_cls = objective_class(cfg.objective.name)
+    window = objective_cls.window_length(cfg.data.seq_len, cfg.objective)
+    if cfg.data.seq_len > model_config.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}; "
+                         "lower data.seq_len or raise model.max_seq_len.")
+    module = objective_cls(**module_kwargs(model_config, cfg.optim, cfg.objective, prepared.special_ids(),
+                                           cfg.trainer.max_steps, cfg.data.seq_len))
+    datamodule = PretrainDataModule(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),
+                                    seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
+
+    ckpt_dir = run_dir / "checkpoints"
+    checkpointing = ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="step{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps, save_last=True,
+        save_top_k=cfg.callbacks.keep_checkpoints, monitor="step", mode="max",
+    )
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_steps=t.max_steps, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, precision=cfg.precision.mode, strategy=build_strategy(cfg.strategy, t.accelerator),
+        logger=build_loggers(cfg.logger, run_dir, cfg.name) or False, callbacks=[checkpointing],
+        default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),
+    )
+    return trainer, module, datamodule, prepared
+
+
+def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
+    """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``)."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    trainer, module, datamodule, prepared = build_run(cfg, run_dir)
+    ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
+    if ckpt_path and trainer.is_global_zero:
+        print(f"resuming from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    datamodule.val_windows = 10**9  # the final evaluation covers the whole validation split
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    val_loss = float(results[0]["val/loss"]) if results else float("nan")
+    metrics = {
+        "step": int(trainer.global_step),
+        "tokens_seen": int(module.tokens_seen),
+        "val_loss_nats": val_loss,
+        "val_ppl": float(torch.exp(torch.tensor(min(val_loss, 50.0)))),
+        "val_unigram_entropy_nats": float(prepared.meta["val_unigram_entropy_nats"]),
+        "parameters": module.model_config.num_parameters(),
+    }
+    if trainer.is_global_zero:
+        (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+        _print_summary(metrics, run_dir)
+    return metrics
+
+
+@rank_zero_only
+def _print_summary(m: dict, run_dir: Path) -> None:
+    print(
+        f"\nfinal validation loss {m['val_loss_nats']:.4f} nats/token (perplexity {m['val_ppl']:.1f}) vs unigram entropy "
+        f"of the validation tokens {m['val_unigram_entropy_nats']:.4f} nats/token "
+        f"(difference {m['val_unigram_entropy_nats'] - m['val_loss_nats']:+.4f}); step {m['step']}, "
+        f"{m['tokens_seen']:,} tokens seen, {m['parameters']:,} parameters\nrun directory: {run_dir}"
+    )
+
+
+def hydra_run_dir() -> Path:
+    if os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return Path(os.environ[RUN_DIR_ENV])  # a process launched by rank 0: share its directory
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+register_configs()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    run_cfg = to_run_config(cfg)
+    run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
+    if _is_global_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return run(run_cfg, run_dir)["val_loss_nats"]
+
+
+if __name__ == "__main__":
+    main()
