@@ -1,0 +1,192 @@
+"""Throughput, achieved FLOP/s, model FLOPs utilization (MFU) and compute spent, logged to every logger.
+
+FLOPs of one training micro-batch are *measured*, once, with ``torch.utils.flop_counter.FlopCounterMode``
+on a meta-device copy of the LightningModule (no memory, no compute): the objective's own ``compute_loss``
+runs forward on a meta copy of the first real batch, then ``backward``. So the count follows the actual
+architecture and objective (decoder, encoder, encoder-decoder; full-vocabulary or masked-only heads)
+instead of the ``6 N D`` rule of thumb. The counter sees matrix multiplies only (linear layers, attention
+scores and values, the LM head, and their gradients); elementwise work (norms, softmax, SiLU, rotary,
+the loss) is not counted, which is the convention MFU uses (PaLM, Chowdhery et al. 2022, Appendix B).
+Causal attention is counted over the full T x T score matrix, as FlopCounterMode does for every SDPA
+kernel. Recomputation by activation checkpointing is not counted (the meta copy does not checkpoint),
+so the ratio is *model* FLOPs utilization, not hardware FLOPs utilization.
+
+    MFU = F_step / (t_step * P * N)
+
+F_step: FLOPs of one optimizer step = FLOPs per micro-batch x accumulate_grad_batches x N;
+t_step: wall-clock seconds per optimizer step, averaged over a sliding window (validation time excluded);
+P: the peak dense FLOP/s of one device for the run's precision (``framework.scaling.hardware``, or
+``callbacks.peak_flops_per_device``); N: the number of devices (``trainer.world_size``).
+Compute spent is the running sum of F over all steps, also in PF-days (1 PF-day = 1e15 FLOP/s x 86,400 s
+= 8.64e19 FLOPs, Kaplan et al. 2020, section 1.3); it is saved in checkpoints, so it survives resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+PF_DAY_FLOPS = 1e15 * 86_400  # FLOPs in one petaFLOP/s-day
+
+
+def pf_days(flops: float) -> float:
+    return flops / PF_DAY_FLOPS
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float, devices: int) -> float:
+    """Model FLOPs utilization: achieved FLOP/s over the peak FLOP/s of all devices (a fraction in [0, 1])."""
+    return flops_per_step / step_time_s / (peak_flops_per_device * devices)
+
+
+def _to_meta(x: Any) -> Any:
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def measure_training_flops(module: L.LightningModule, batch: Any) -> int:
+    """FLOPs of forward + backward of ``module.compute_loss(batch)`` for one micro-batch.
+
+    Runs on a meta-device copy built from the module's hyperparameters (plain dicts), with ``batch``'s
+    tensors replaced by meta tensors of the same shapes and dtypes, so no memory or compute is used.
+    """
+    with torch.device("meta"):
+        meta_module = type(module)(**module.hparams)
+    meta_module.train()
+    meta_batch = tree_map(_to_meta, batch)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = meta_module.compute_loss(meta_batch)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def resolve_peak_flops(accelerator: str | None, precision: str, override: float = 0.0) -> tuple[float | None, str]:
+    """(peak dense FLOP/s of one device, where it came from); None when unknown (CPU, a GPU not in the table)."""
+    if override > 0:
+        return float(override), "callbacks.peak_flops_per_device"
+    if accelerator is None:
+        return None, "no GPU from the peak table (framework/scaling/hardware.py) is in use"
+    from framework.scaling.hardware import PRECISION_DTYPE, peak_flops
+
+    dtype = PRECISION_DTYPE.get(str(precision), str(precision))
+    if dtype == "fp32" and torch.get_float32_matmul_precision() != "highest":
+        dtype = "tf32"  # fp32 matmuls run on tensor cores as TF32
+    try:
+        return peak_flops(accelerator, dtype), f"{accelerator} {dtype} peak"
+    except ValueError as err:
+        return None, str(err)
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, dict) else batch
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise TypeError(f"cannot find the batch size of a {type(batch).__name__} batch")
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs ``throughput/*`` (tokens/s, samples/s, FLOP/s, MFU) and ``compute/*`` (FLOPs, PF-days) every step.
+
+    Rates are global (all ranks) and averaged over the last ``window`` micro-batches.
+    """
+
+    def __init__(self, window: int = 20, peak_flops_per_device: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if window < 1:
+            raise ValueError(f"callbacks.throughput_window={window} must be at least 1.")
+        self.window = window
+        self.peak_override = peak_flops_per_device
+        self.clock = clock
+        self.flops_per_micro_batch: int | None = None  # one rank's forward+backward of one micro-batch
+        self.cumulative_flops = 0.0  # all ranks, all steps, restored on resume
+        self.peak: float | None = None
+        self._history: deque = deque(maxlen=window + 1)  # (seconds, tokens_seen, samples, flops)
+        self._samples = 0
+        self._paused_s = 0.0
+        self._pause_start: float | None = None
+
+    # ------------------------------------------------------------------ setup
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from framework.scaling.hardware import detect_accelerator
+
+        accel = detect_accelerator() if pl_module.device.type == "cuda" else None
+        self.peak, source = resolve_peak_flops(accel, trainer.precision, self.peak_override)
+        if self.peak is None:
+            rank_zero_info(f"throughput: MFU is not reported ({source}); set callbacks.peak_flops_per_device "
+                           "to the device's peak FLOP/s to report it.")
+        else:
+            rank_zero_info(f"throughput: MFU against {self.peak:.4g} FLOP/s per device ({source}) x "
+                           f"{trainer.world_size} device(s)")
+        self._history.clear()
+
+    def _now(self, pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return self.clock() - self._paused_s
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.flops_per_micro_batch is None:
+            try:
+                self.flops_per_micro_batch = measure_training_flops(pl_module, batch)
+                rank_zero_info(f"throughput: {self.flops_per_micro_batch:.4g} FLOPs per micro-batch per device "
+                               "(forward + backward, measured on a meta-device copy)")
+            except Exception as err:  # an objective with data-dependent shapes cannot run on meta tensors
+                self.flops_per_micro_batch = 0
+                rank_zero_warn(f"throughput: could not measure FLOPs on the meta device ({err}); "
+                               "FLOP/s, MFU and compute are not reported.")
+        if not self._history:
+            self._history.append((self._now(pl_module), float(getattr(pl_module, "tokens_seen", 0)), self._samples,
+                                  self.cumulative_flops))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        world = trainer.world_size
+        self._samples += _batch_size(batch) * world
+        self.cumulative_flops += float(self.flops_per_micro_batch or 0) * world
+        tokens = float(getattr(pl_module, "tokens_seen", 0))
+        self._history.append((self._now(pl_module), tokens, self._samples, self.cumulative_flops))
+        (t0, tok0, s0, f0), (t1, tok1, s1, f1) = self._history[0], self._history[-1]
+        elapsed = t1 - t0
+        metrics: dict[str, float] = {}
+        if self.flops_per_micro_batch:
+            metrics["compute/flops"] = self.cumulative_flops
+            metrics["compute/pf_days"] = pf_days(self.cumulative_flops)
+        if elapsed > 0:
+            micro_batches = len(self._history) - 1
+            metrics["throughput/tokens_per_sec"] = (tok1 - tok0) / elapsed
+            metrics["throughput/samples_per_sec"] = (s1 - s0) / elapsed
+            metrics["throughput/step_time_s"] = elapsed / micro_batches * trainer.accumulate_grad_batches
+            if self.flops_per_micro_batch:
+                achieved = (f1 - f0) / elapsed  # FLOP/s over all devices
+                metrics["throughput/flops_per_sec"] = achieved
+                if self.peak:
+                    metrics["throughput/mfu"] = achieved / (self.peak * world)
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ validation is not training time
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # validation inside fit; a standalone validate() has no training after it
+            self._pause_start = self.clock()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pause_start is not None:
+            self._paused_s += self.clock() - self._pause_start
+            self._pause_start = None
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        return {"cumulative_flops": self.cumulative_flops, "flops_per_micro_batch": self.flops_per_micro_batch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.cumulative_flops = float(state_dict.get("cumulative_flops", 0.0))

@@ -1,0 +1,125 @@
+"""FLOPs per training step, MFU and compute accounting of framework.callbacks.throughput."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from framework.callbacks.throughput import PF_DAY_FLOPS, ThroughputMonitor, measure_training_flops, mfu, pf_days
+from framework.data.tokenizer import SpecialIds
+from framework.models import ModelConfig
+from framework.objectives import objective_class
+from framework.objectives.base import module_kwargs
+from framework.objectives.config import ObjectiveConfig, OptimConfig
+
+SPECIAL = SpecialIds(pad=0, bos=1, eos=2, unk=3, mask=4, sentinels=tuple(range(5, 105)))
+VOCAB = 512
+
+
+def make_module(objective: str = "clm", preset: str = "tiny", seq_len: int = 32, **overrides):
+    cfg = ModelConfig.from_name(preset, vocab_size=VOCAB, **overrides)
+    return objective_class(objective)(**module_kwargs(cfg, OptimConfig(warmup_steps=1), ObjectiveConfig(), SPECIAL,
+                                                      10, seq_len))
+
+
+def make_batch(module, batch_size: int, seq_len: int, seed: int = 0):
+    window = type(module).window_length(seq_len, module.objective_config)
+    g = torch.Generator().manual_seed(seed)
+    windows = torch.randint(105, VOCAB, (batch_size, window), generator=g)
+    collate = module.collator()
+    return collate(windows) if collate is not None else windows
+
+
+def decoder_matmul_flops(cfg: ModelConfig, B: int, T: int) -> int:
+    """Forward+backward matmul FLOPs of a decoder step, by hand: 2 FLOPs per multiply-add, backward = 2 x forward.
+
+    Per layer and token: q, k, v, o projections and the three SwiGLU matrices; per layer and sequence:
+    scores Q K^T and the weighted sum over V, each 2 * T^2 * (n_heads * head_dim) (full T x T, as counted
+    by FlopCounterMode); then the LM head, d x V_padded per token.
+    """
+    d, hd, ff = cfg.d_model, cfg.head_dim, cfg.d_ff
+    per_token = cfg.n_layers * (2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + 3 * d * ff)
+    per_token += d * cfg.padded_vocab_size
+    attention = cfg.n_layers * 2 * T * T * cfg.n_heads * hd  # per sequence, multiply-adds
+    return 3 * 2 * (B * T * per_token + B * attention)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 2, "tie_embeddings": False}])
+def test_decoder_flops_equal_hand_formula(overrides):
+    module = make_module("clm", **overrides)
+    B, T = 4, 32
+    measured = measure_training_flops(module, make_batch(module, B, T))
+    # FlopCounterMode counts matmuls only, so the hand count of matmuls must match exactly.
+    assert measured == decoder_matmul_flops(module.model_config, B, T)
+
+
+def test_meta_measurement_equals_counter_on_the_real_step():
+    """The meta-device count equals FlopCounterMode around the real CPU step (math attention, so SDPA is visible)."""
+    module = make_module("clm")
+    batch = make_batch(module, 4, 32)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        loss, _ = module.compute_loss(batch)
+        loss.backward()
+    assert measure_training_flops(module, batch) == counter.get_total_flops()
+
+
+def test_mfu_and_pf_days_by_hand():
+    # 4.8e14 FLOPs per step in 2 s on 4 devices of 312e12 peak: 2.4e14 / 1.248e15
+    assert mfu(4.8e14, 2.0, 312e12, 4) == pytest.approx(2.4e14 / 1.248e15, rel=1e-12)
+    assert mfu(4.8e14, 2.0, 312e12, 4) == pytest.approx(0.19230769, rel=1e-7)
+    assert pf_days(8.64e19) == pytest.approx(1.0)
+    assert PF_DAY_FLOPS == 1e15 * 24 * 3600
+
+
+class FakeClock:
+    """Advances a fixed number of seconds each time it is read."""
+
+    def __init__(self, tick: float) -> None:
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+
+def test_callback_logs_mfu_for_known_step_time_and_peak(tmp_path):
+    B, T, steps, tick, peak = 4, 32, 6, 0.25, 1e12
+    module = make_module("clm")
+    windows = [torch.randint(105, VOCAB, (T + 1,)) for _ in range(B * steps)]
+    loader = DataLoader(windows, batch_size=B)
+    monitor = ThroughputMonitor(window=3, peak_flops_per_device=peak, clock=FakeClock(tick))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                        callbacks=[monitor], log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    flops = decoder_matmul_flops(module.model_config, B, T)
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    last = [r for r in rows if r.get("throughput/mfu")][-1]
+    # each micro-batch takes one tick of the fake clock
+    assert float(last["throughput/mfu"]) == pytest.approx(mfu(flops, tick, peak, 1), rel=1e-6)
+    assert float(last["throughput/tokens_per_sec"]) == pytest.approx(B * T / tick, rel=1e-6)
+    assert float(last["throughput/samples_per_sec"]) == pytest.approx(B / tick, rel=1e-6)
+    assert float(last["compute/flops"]) == pytest.approx(steps * flops, rel=1e-6)
+    assert float(last["compute/pf_days"]) == pytest.approx(steps * flops / 8.64e19, rel=1e-6)
+    assert monitor.cumulative_flops == steps * flops
+    assert monitor.state_dict()["cumulative_flops"] == steps * flops
+
+
+def test_no_mfu_without_a_known_peak(tmp_path):
+    from framework.callbacks.throughput import resolve_peak_flops
+
+    assert resolve_peak_flops(None, "32-true")[0] is None  # CPU: no invented peak
+    assert resolve_peak_flops(None, "32-true", override=5e12)[0] == 5e12
+    torch.set_float32_matmul_precision("highest")
+    assert resolve_peak_flops("A100", "bf16-mixed")[0] == 312e12
+    assert resolve_peak_flops("H100", "32-true")[0] == 66.9e12
+    assert math.isclose(resolve_peak_flops("V100", "16-mixed")[0], 125e12)
+    assert resolve_peak_flops("V100", "bf16-mixed")[0] is None  # V100 has no bf16: not reported
