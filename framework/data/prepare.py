@@ -258,6 +258,7 @@ def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool) -
         "seconds": round(time.time() - t0, 2),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta = json.loads(json.dumps(meta))  # the same plain-JSON form a later reuse reads back
     final = directory / "shards"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

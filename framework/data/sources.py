@@ -8,6 +8,7 @@ on the number of processes, or on Python's per-process string-hash seed.
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import hashlib
 import json
@@ -32,6 +33,16 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 
 
 def stdlib_documents(min_chars: int = 40) -> Iterator[Document]:
+    """Iterate the embedded corpus (parsed once per process and kept: about 2 MB of text)."""
+    return iter(_stdlib_documents(min_chars))
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_documents(min_chars: int) -> tuple[Document, ...]:
+    return tuple(_parse_stdlib(min_chars))
+
+
+def _parse_stdlib(min_chars: int) -> Iterator[Document]:
     """Docstrings of every module, class and function in the standard library, then pydoc's topics.
 
     Parsed with ``ast`` (nothing is imported or executed). Real English technical prose, about

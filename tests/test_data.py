@@ -1,0 +1,148 @@
+"""Sources, tokenizer, shard preparation and the resumable rank-aware sampler."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from framework.data.config import DataConfig
+from framework.data.datamodule import PackedWindows, PretrainDataModule, ResumableRankSampler
+from framework.data.prepare import open_tokens, prepare_data, unigram_entropy
+from framework.data.sources import is_validation, iter_documents, stdlib_documents
+from framework.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS
+
+
+def test_embedded_corpus_is_real_text():
+    docs = []
+    for i, doc in enumerate(stdlib_documents()):
+        docs.append(doc)
+        if i == 300:
+            break
+    assert len(docs) == 301
+    text = " ".join(t for _, t in docs)
+    words = text.split()
+    assert len(words) > 5000
+    # English prose: the most common English function words are frequent
+    for w in ("the", "of", "a", "is"):
+        assert words.count(w) > 50
+
+
+def test_special_tokens_sit_at_fixed_ids(tiny_prepared):
+    tok = tiny_prepared.tokenizer()
+    ids = tiny_prepared.special_ids()
+    assert (ids.pad, ids.bos, ids.eos, ids.unk, ids.mask) == (0, 1, 2, 3, 4)
+    assert ids.sentinels == tuple(range(5, 5 + NUM_SENTINELS))
+    assert tok.id_to_token(5) == "<extra_id_0>" and tok.id_to_token(104) == "<extra_id_99>"
+    assert tok.get_vocab_size() == 512
+    # special tokens survive a round trip as single tokens
+    assert tok.encode("<mask>", add_special_tokens=False).ids == [4]
+
+
+def test_shards_hold_each_document_followed_by_eos(tiny_prepared, compose):
+    from framework.config import to_run_config
+
+    cfg = to_run_config(compose()).data
+    tok = tiny_prepared.tokenizer()
+    meta = tiny_prepared.meta
+    assert meta["dtype"] == "uint16"
+    train = np.concatenate([np.asarray(open_tokens(p, tiny_prepared.dtype)) for p in tiny_prepared.shards("train")])
+    val = np.concatenate([np.asarray(open_tokens(p, tiny_prepared.dtype)) for p in tiny_prepared.shards("val")])
+    assert len(train) == meta["tokens"]["train"] and len(val) == meta["tokens"]["val"]
+    expected_train, expected_val = [], []
+    for doc_id, text in iter_documents(cfg):
+        ids = tok.encode(text, add_special_tokens=False).ids + [2]
+        (expected_val if is_validation(doc_id, cfg.val_fraction) else expected_train).extend(ids)
+    assert train.tolist() == expected_train
+    assert val.tolist() == expected_val
+    assert int((train == 2).sum()) == meta["documents"]["train"]
+    # and decoding the first document gives back its text
+    first_doc = tok.decode(train[: int(np.argmax(train == 2))].tolist())
+    assert first_doc == next(t for d, t in iter_documents(cfg) if not is_validation(d, cfg.val_fraction))
+
+
+def test_validation_entropy_matches_its_definition(tiny_prepared):
+    val = np.concatenate([np.asarray(open_tokens(p, tiny_prepared.dtype)) for p in tiny_prepared.shards("val")])
+    p = np.bincount(val) / len(val)
+    p = p[p > 0]
+    assert tiny_prepared.meta["val_unigram_entropy_nats"] == pytest.approx(float(-(p * np.log(p)).sum()))
+    assert unigram_entropy(np.array([1, 1, 2, 0])) == pytest.approx(-(2 * 0.25 * np.log(0.25) + 0.5 * np.log(0.5)))
+
+
+def test_preparing_twice_reuses_tokenizer_and_shards(tiny_prepared, compose):
+    from framework.config import to_run_config
+
+    before = {p: os.stat(p).st_mtime_ns for p in [tiny_prepared.tokenizer_path, *tiny_prepared.shards("train")]}
+    again = prepare_data(to_run_config(compose()).data, progress=False)
+    assert again.directory == tiny_prepared.directory and again.meta == tiny_prepared.meta
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before
+
+
+def test_local_files_jsonl_and_txt(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"document number {i} " * 20}) for i in range(60)))
+    (tmp_path / "b.txt").write_text("plain text file " * 40)
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.jsonl"), str(tmp_path / "b.txt")], vocab_size=512,
+                     cache_dir=str(tmp_path / "cache"), num_proc=1, val_fraction=0.2)
+    docs = list(iter_documents(cfg))
+    assert len(docs) == 61 and docs[-1][1].startswith("plain text file")
+    prepared = prepare_data(cfg, progress=False)
+    assert prepared.meta["documents"]["train"] + prepared.meta["documents"]["val"] == 61
+
+
+def test_bad_data_settings_are_refused_with_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        list(iter_documents(DataConfig(source="files", paths=[str(tmp_path / "missing*.jsonl")])))
+    (tmp_path / "x.jsonl").write_text(json.dumps({"body": "x" * 100}) + "\n")
+    with pytest.raises(KeyError, match="data.text_field"):
+        list(iter_documents(DataConfig(source="files", paths=[str(tmp_path / "x.jsonl")])))
+    with pytest.raises(ValueError, match="too small"):
+        prepare_data(DataConfig(vocab_size=100, cache_dir=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="data.source"):
+        list(iter_documents(DataConfig(source="ftp")))
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_sampler_order_is_seeded_rank_disjoint_and_resumable():
+    n, world = 103, 2
+    a0 = _take(iter(ResumableRankSampler(n, seed=7, rank=0, world_size=world)), 51)
+    a1 = _take(iter(ResumableRankSampler(n, seed=7, rank=1, world_size=world)), 51)
+    assert a0 == _take(iter(ResumableRankSampler(n, seed=7, rank=0, world_size=world)), 51)  # deterministic
+    assert a0 != _take(iter(ResumableRankSampler(n, seed=8, rank=0, world_size=world)), 51)  # seed matters
+    assert not set(a0) & set(a1)  # ranks read different windows within an epoch
+    assert len(set(a0)) == 51  # no repeats within an epoch
+    # resuming at any position continues the uninterrupted stream exactly, across epoch boundaries
+    stream = _take(iter(ResumableRankSampler(n, seed=7, rank=1, world_size=world)), 200)
+    for start in (0, 13, 51, 77, 102):
+        resumed = _take(iter(ResumableRankSampler(n, seed=7, rank=1, world_size=world, start=start)), 50)
+        assert resumed == stream[start : start + 50]
+
+
+def test_datamodule_state_restores_the_position(tiny_prepared):
+    dm = PretrainDataModule(tiny_prepared, window_length=65, micro_batch_size=4, seed=3)
+    it = iter(dm.train_dataloader())
+    batches = [next(it) for _ in range(6)]
+    for _ in range(3):
+        dm.on_micro_batch_consumed()
+    state = dm.state_dict()
+    dm2 = PretrainDataModule(tiny_prepared, window_length=65, micro_batch_size=4, seed=3)
+    dm2.load_state_dict(state)
+    resumed = next(iter(dm2.train_dataloader()))
+    assert torch.equal(resumed, batches[3])
+    assert batches[0].shape == (4, 65) and batches[0].dtype == torch.long
+
+
+def test_windows_never_cross_shards(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    np.arange(10, dtype=np.uint16).tofile(a)
+    np.arange(100, 107, dtype=np.uint16).tofile(b)
+    ds = PackedWindows([a, b], np.dtype(np.uint16), 3)
+    assert len(ds) == 3 + 2
+    assert [ds[i].tolist() for i in range(5)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [100, 101, 102], [103, 104, 105]]
+
+
+def test_special_token_list_layout():
+    assert SPECIAL_TOKENS[:5] == ["<pad>", "<bos>", "<eos>", "<unk>", "<mask>"] and len(SPECIAL_TOKENS) == 105
