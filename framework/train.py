@@ -52,7 +52,7 @@ def build_run(cfg: TrainConfig, run_dir: Path):
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}; "
                          "lower data.seq_len or raise model.max_seq_len.")
     module = objective_cls(**module_kwargs(model_config, cfg.optim, cfg.objective, prepared.special_ids(),
-                                           cfg.trainer.max_steps, cfg.data.seq_len))
+                                           cfg.trainer.max_steps, cfg.data.seq_len, prepared.tokenizer_path))
     datamodule = PretrainDataModule(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),
                                     seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
 

@@ -114,6 +114,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(family="decoder", d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
     "gpt2-large": dict(family="decoder", d_model=1280, n_layers=36, n_heads=20, max_seq_len=1024),
     "gpt-1.3b": dict(family="decoder", d_model=2048, n_layers=24, n_heads=16, max_seq_len=2048),
+    # encoders (masked LM): BERT-base/large widths and depths (Devlin et al. 2019, table 1) in the EuroBERT
+    # layout (RMSNorm, rotary positions, SwiGLU of hidden 8/3 d), so counts differ from BERT's 110M/340M
+    "bert-tiny": dict(family="encoder", d_model=64, n_layers=2, n_heads=4, max_seq_len=256),
+    "bert-small-cpu": dict(family="encoder", d_model=192, n_layers=4, n_heads=6, max_seq_len=512),
+    "bert-base": dict(family="encoder", d_model=768, n_layers=12, n_heads=12, max_seq_len=512),
+    "bert-large": dict(family="encoder", d_model=1024, n_layers=24, n_heads=16, max_seq_len=512),
+    # encoder-decoders (span corruption): T5 v1.1 shapes (google/t5-v1_1-* configs: d_model, d_ff, d_kv,
+    # heads, layers per stack), relative position bias with 32 buckets up to distance 128, untied LM head
+    "t5-tiny": dict(family="encoder_decoder", d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=512,
+                    position="relative_bias", norm_eps=1e-6, tie_embeddings=False),
+    "t5-small-cpu": dict(family="encoder_decoder", d_model=192, n_layers=3, n_heads=6, d_ff=512, max_seq_len=512,
+                         position="relative_bias", norm_eps=1e-6, tie_embeddings=False),
+    "t5-small": dict(family="encoder_decoder", d_model=512, n_layers=8, n_heads=6, head_dim=64, d_ff=1024,
+                     max_seq_len=512, position="relative_bias", norm_eps=1e-6, tie_embeddings=False),
+    "t5-base": dict(family="encoder_decoder", d_model=768, n_layers=12, n_heads=12, head_dim=64, d_ff=2048,
+                    max_seq_len=512, position="relative_bias", norm_eps=1e-6, tie_embeddings=False),
+    "t5-large": dict(family="encoder_decoder", d_model=1024, n_layers=24, n_heads=16, head_dim=64, d_ff=2816,
+                     max_seq_len=512, position="relative_bias", norm_eps=1e-6, tie_embeddings=False),
 }
 
 
@@ -124,8 +142,13 @@ def count_parameters(cfg: ModelConfig) -> int:
     attn = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d  # wq, wk, wv, wo
     mlp = 3 * d * ff  # SwiGLU: gate, up, down
     norms = 2 * d  # pre-attention and pre-MLP RMSNorm weights
-    if cfg.family == "decoder":
-        embed = v * d
-        head = 0 if cfg.tie_embeddings else v * d
+    embed = v * d
+    head = 0 if cfg.tie_embeddings else v * d
+    if cfg.family in ("decoder", "encoder"):  # same layer stack; only the attention mask differs
         return embed + cfg.n_layers * (attn + mlp + norms) + d + head
+    if cfg.family == "encoder_decoder":
+        position_bias = cfg.relative_attention_num_buckets * cfg.n_heads  # one table per stack
+        encoder = cfg.n_layers * (attn + mlp + norms) + position_bias + d
+        decoder = cfg.n_decoder_layers * (2 * attn + mlp + 3 * d) + position_bias + d  # self + cross attention
+        return embed + encoder + decoder + head
     raise NotImplementedError(f"no parameter count for model family {cfg.family!r} yet")

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,3 +180,51 @@ def init_weights(module: nn.Module, std: float, n_layers: int) -> None:
             nn.init.normal_(p, mean=0.0, std=std / (2 * n_layers) ** 0.5)
         else:
             nn.init.normal_(p, mean=0.0, std=std)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's bucketed relative position bias (Raffel et al. 2020, sec. 2.1; Mesh TensorFlow's
+    ``_relative_position_bucket``): one learned scalar per (bucket, head), added to the attention logits.
+
+    Relative position r = key_position - query_position. Half of the buckets hold exact distances
+    |r| < num_buckets / 4 (bidirectional) or / 2 (causal); the rest cover distances logarithmically up to
+    ``max_distance``, beyond which all distances share the last bucket. Bidirectional attention spends
+    half of the buckets on r > 0; causal attention maps every r > 0 to bucket 0 (those keys are masked).
+    """
+
+    def __init__(self, n_heads: int, num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.embedding = nn.Embedding(num_buckets, n_heads)
+
+    @staticmethod
+    def bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+        """relative_position: integer tensor (any shape) -> bucket ids in [0, num_buckets), same shape."""
+        buckets = torch.zeros_like(relative_position)
+        if bidirectional:
+            num_buckets //= 2
+            buckets = buckets + (relative_position > 0).long() * num_buckets
+            distance = relative_position.abs()
+        else:
+            distance = (-relative_position).clamp_min(0)
+        max_exact = num_buckets // 2
+        # log-spaced buckets for max_exact <= distance < max_distance (clamp_min only avoids log(0); those
+        # positions take the exact branch below)
+        log_ratio = torch.log(distance.float().clamp_min(1) / max_exact) / math.log(max_distance / max_exact)
+        large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp_max(num_buckets - 1)
+        return buckets + torch.where(distance < max_exact, distance, large)
+
+    def forward(self, query_len: int, key_len: int, query_offset: int = 0) -> torch.Tensor:
+        """Bias of shape (1, n_heads, query_len, key_len); query i sits at position query_offset + i."""
+        device = self.embedding.weight.device
+        q_pos = torch.arange(query_offset, query_offset + query_len, device=device)[:, None]
+        k_pos = torch.arange(key_len, device=device)[None, :]
+        buckets = self.bucket(k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance)  # (T, S)
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, nh, T, S)
+
+
+def padding_keep_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) with 1 = real token, 0 = padding -> boolean keep-mask (B, 1, 1, S) for Attention, or None."""
+    if attention_mask is None:
+        return None
+    return attention_mask.bool()[:, None, None, :]

@@ -2,8 +2,10 @@
 
 from framework.objectives.base import PretrainModule
 from framework.objectives.clm import CausalLM
+from framework.objectives.mlm import MaskedLM
+from framework.objectives.span_corruption import SpanCorruption
 
-OBJECTIVES: dict[str, type[PretrainModule]] = {"clm": CausalLM}
+OBJECTIVES: dict[str, type[PretrainModule]] = {"clm": CausalLM, "mlm": MaskedLM, "span_corruption": SpanCorruption}
 
 
 def objective_class(name: str) -> type[PretrainModule]:
@@ -12,4 +14,4 @@ def objective_class(name: str) -> type[PretrainModule]:
     return OBJECTIVES[name]
 
 
-__all__ = ["OBJECTIVES", "PretrainModule", "CausalLM", "objective_class"]
+__all__ = ["OBJECTIVES", "PretrainModule", "CausalLM", "MaskedLM", "SpanCorruption", "objective_class"]

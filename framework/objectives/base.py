@@ -46,7 +46,7 @@ class PretrainModule(L.LightningModule):
     objective_name: ClassVar[str] = ""
 
     def __init__(self, model_config: dict, optim: dict, objective: dict, special_ids: dict, max_steps: int,
-                 seq_len: int) -> None:
+                 seq_len: int, tokenizer_path: str = "") -> None:
         super().__init__()
         # plain dicts, so the checkpoint's hyper_parameters rebuild the module (export, generate, resume)
         self.save_hyperparameters()
@@ -56,6 +56,7 @@ class PretrainModule(L.LightningModule):
         self.special_ids = SpecialIds(**{k: tuple(v) if k == "sentinels" else v for k, v in special_ids.items()})
         self.max_steps = max_steps
         self.seq_len = seq_len
+        self.tokenizer_path = tokenizer_path  # the run's tokenizer.json (whole-word masking, export)
         if self.model_config.family != self.family:
             raise ValueError(
                 f"objective={self.objective_name} trains a {self.family!r} model, but the model preset "
@@ -64,6 +65,9 @@ class PretrainModule(L.LightningModule):
             )
         self.model = build_model(self.model_config)
         self.tokens_seen = 0  # input tokens processed by all ranks, restored on resume
+        # set by framework.train: applies the strategy's parallelism (FSDP2, activation checkpointing,
+        # compile) to self.model in configure_model; None = train the model as built
+        self.parallelizer = None
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
 
@@ -115,6 +119,12 @@ class PretrainModule(L.LightningModule):
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log("val/ppl", torch.exp(val_loss.clamp(max=50)), sync_dist=False)
 
+    def configure_model(self) -> None:
+        """Lightning hook, run inside the strategy's setup before the optimizer exists (and again before
+        validate/test: the parallelizer is idempotent)."""
+        if self.parallelizer is not None:
+            self.parallelizer(self.model, self.trainer)
+
     def configure_optimizers(self):
         o = self.optim_config
         optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
@@ -132,7 +142,7 @@ class PretrainModule(L.LightningModule):
 
 
 def module_kwargs(model_config: ModelConfig, optim: OptimConfig, objective: ObjectiveConfig, special_ids: SpecialIds,
-                  max_steps: int, seq_len: int) -> dict:
+                  max_steps: int, seq_len: int, tokenizer_path: str = "") -> dict:
     return dict(model_config=dataclasses.asdict(model_config), optim=dataclasses.asdict(optim),
                 objective=dataclasses.asdict(objective), special_ids=dataclasses.asdict(special_ids),
-                max_steps=max_steps, seq_len=seq_len)
+                max_steps=max_steps, seq_len=seq_len, tokenizer_path=str(tokenizer_path))
