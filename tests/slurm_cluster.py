@@ -1,0 +1,215 @@
+"""A real single-node SLURM cluster for tests: Debian's slurmctld + slurmd + munge, private to one session.
+
+The fixture installs the packages when they are missing (apt-get, needs root), starts a private munged
+(own socket) and a controller and node on free ports with state in a fresh directory (job ids start at
+1), and stops all three by pid afterwards. Where SLURM cannot be installed or started the tests skip
+with the reason, which ``pytest -ra`` prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+DAEMONS = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "/usr/bin/sbatch"]
+
+SLURM_CONF = """\
+ClusterName=fwtest
+SlurmctldHost={host}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+KillWait=5
+MinJobAge=600
+MailProg=/bin/true
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+NodeName={host} CPUs={cpus} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _install() -> str | None:
+    """Install SLURM and munge if missing; the reason it cannot be done, or None."""
+    if all(os.path.exists(p) for p in DAEMONS):
+        return None
+    if os.geteuid() != 0:
+        return "SLURM is not installed and installing it needs root (apt-get install " + " ".join(PACKAGES) + ")"
+    if shutil.which("apt-get") is None:
+        return "SLURM is not installed and this machine has no apt-get to install Debian's packages"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:  # empty or stale package lists: update once and retry
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 or not all(os.path.exists(p) for p in DAEMONS):
+        return f"apt-get could not install SLURM: {result.stderr.strip()[-300:]}"
+    return None
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _stop(pid_files: list[Path], timeout: float = 15.0) -> None:
+    """SIGTERM the daemons named by ``pid_files`` together, wait for them, SIGKILL what is left."""
+    pids = [pid for pid in map(_pid, pid_files) if pid is not None]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        pids = alive
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class SlurmCluster:
+    directory: Path
+    env: dict  # os.environ plus SLURM_CONF
+
+    def run(self, *args: str, check: bool = True) -> str:
+        result = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def job_fields(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Restarts, Reason, ExitCode, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id)
+        fields = {}
+        for token in out.split():
+            key, sep, value = token.partition("=")
+            if sep:
+                fields[key] = value
+        return fields
+
+    def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float, release_requeued: bool = True) -> dict:
+        """Poll until the job is in one of ``states``; a requeued job held for its BeginTime is released."""
+        deadline = time.monotonic() + timeout
+        fields: dict = {}
+        while time.monotonic() < deadline:
+            fields = self.job_fields(job_id)
+            if fields.get("JobState") in states:
+                return fields
+            if (release_requeued and fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0"
+                    and fields.get("Reason") == "BeginTime"):
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            time.sleep(0.3)
+        raise TimeoutError(f"job {job_id} did not reach {states} in {timeout:.0f} s; last seen {fields}")
+
+
+def _start_daemon(name: str, command: list[str], err_file: Path, env: dict) -> None:
+    """Run a self-daemonizing command; its output goes to files, never to pipes the daemon would hold open."""
+    with open(err_file, "w") as err:
+        result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed to start: {err_file.read_text().strip()[-300:]}")
+
+
+def start_cluster(directory: Path) -> SlurmCluster:
+    """Start munged, slurmctld and slurmd with state in ``directory``; raises RuntimeError on failure."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # munged (user munge) must reach its socket directory
+    munge_dir = directory / "munge"
+    subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", str(munge_dir)], check=True)
+    if not Path("/etc/munge/munge.key").exists():
+        subprocess.run(["mungekey", "-c", "-f", "-k", "/etc/munge/munge.key"], check=True)
+        shutil.chown("/etc/munge/munge.key", "munge", "munge")
+    socket_path = munge_dir / "munge.sock"
+    _start_daemon("munged", ["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={socket_path}",
+                   f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
+                   f"--seed-file={munge_dir / 'munged.seed'}"], directory / "munged.err", os.environ)
+    (directory / "state").mkdir(exist_ok=True)
+    (directory / "spool").mkdir(exist_ok=True)
+    conf = directory / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=_free_port(),
+                                      slurmd_port=_free_port(), munge_socket=socket_path, d=directory,
+                                      cpus=os.cpu_count() or 1))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    for daemon in ("slurmctld", "slurmd"):
+        _start_daemon(daemon, [f"/usr/sbin/{daemon}", "-f", str(conf)], directory / f"{daemon}.err", env)
+    cluster = SlurmCluster(directory=directory, env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if cluster.run("sinfo", "-h", "-o", "%T", check=False).strip() == "idle":
+            return cluster
+        time.sleep(0.2)
+    raise RuntimeError(f"the SLURM node did not become idle; see {directory}/slurmctld.log and slurmd.log")
+
+
+def stop_cluster(directory: Path) -> None:
+    _stop([directory / "slurmd.pid", directory / "slurmctld.pid"])
+    _stop([directory / "munge" / "munged.pid"])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running single-node SLURM cluster (skips with the reason where SLURM cannot be installed)."""
+    reason = _install()
+    if reason:
+        pytest.skip(reason)
+    directory = Path(tempfile.mkdtemp(prefix="fw-slurm-"))
+    try:
+        cluster = start_cluster(directory)
+    except (RuntimeError, subprocess.SubprocessError, OSError) as err:
+        stop_cluster(directory)
+        pytest.skip(f"could not start a local SLURM cluster: {err}")
+    try:
+        yield cluster
+    finally:
+        stop_cluster(directory)
+        shutil.rmtree(directory, ignore_errors=True)
