@@ -24,6 +24,8 @@ from framework.config import TrainConfig, register_configs, resolve_model, to_ru
 from framework.data.datamodule import PretrainDataModule
 from framework.data.prepare import prepare_data
 from framework.distributed.checkpoints import resolve_resume
+from framework.distributed.parallelize import Parallelizer
+from framework.distributed.precision import check_strategy_precision, detect_device
 from framework.distributed.strategies import build_strategy
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
@@ -43,6 +45,8 @@ def build_run(cfg: TrainConfig, run_dir: Path):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
+    # refuse a strategy x precision pair that cannot run here before any data, model or process group exists
+    check_strategy_precision(cfg.strategy, cfg.precision.mode, detect_device(cfg.trainer.accelerator))
     prepared = prepare_data(cfg.data, progress=_is_global_zero())
 
     model_config = resolve_model(cfg.model).replace(vocab_size=prepared.vocab_size)
@@ -53,6 +57,7 @@ def build_run(cfg: TrainConfig, run_dir: Path):
                          "lower data.seq_len or raise model.max_seq_len.")
     module = objective_cls(**module_kwargs(model_config, cfg.optim, cfg.objective, prepared.special_ids(),
                                            cfg.trainer.max_steps, cfg.data.seq_len, prepared.tokenizer_path))
+    module.parallelizer = Parallelizer(cfg.strategy, cfg.precision.mode)  # applied in configure_model
     datamodule = PretrainDataModule(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),
                                     seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
 
@@ -67,7 +72,9 @@ def build_run(cfg: TrainConfig, run_dir: Path):
         max_steps=t.max_steps, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, precision=cfg.precision.mode, strategy=build_strategy(cfg.strategy, t.accelerator),
+        num_nodes=t.num_nodes, precision=cfg.precision.mode, strategy=build_strategy(
+            cfg.strategy, t.accelerator, cfg.precision.mode, cfg.data.micro_batch_size, t.accumulate_grad_batches,
+            t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name) or False, callbacks=[checkpointing],
         default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),

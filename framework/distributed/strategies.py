@@ -1,20 +1,42 @@
-"""Strategy config -> a Lightning strategy. Parallelism is applied from outside the model code."""
+"""Strategy config -> a Lightning strategy. Parallelism is applied from outside the model code.
+
+- ``ddp``: ``DDPStrategy`` (gradients all-reduced; every rank holds the whole model and optimizer).
+- ``fsdp``: ``ModelParallelStrategy`` (Lightning's FSDP2 entry point). The sharding itself is applied in
+  ``PretrainModule.configure_model`` by ``framework.distributed.parallelize`` (``fully_shard`` per block).
+  Checkpoints are torch.distributed.checkpoint directories (one shard per rank) unless
+  ``strategy.sharded_checkpoint=false``.
+- ``deepspeed``: ``DeepSpeedStrategy(config=...)`` with the dict from ``deepspeed_config``; CUDA only.
+  Checkpoints are DeepSpeed directories.
+``fw-consolidate`` turns either kind of sharded checkpoint into one ``.ckpt`` file.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from framework.distributed.config import StrategyConfig
+from framework.distributed.deepspeed_config import deepspeed_config, lightning_deepspeed_config
 
 
-def build_strategy(cfg: StrategyConfig, accelerator: str = "auto") -> Any:
+def build_strategy(cfg: StrategyConfig, accelerator: str = "auto", precision: str = "32-true",
+                   micro_batch_size: int = 1, accumulate_grad_batches: int = 1, gradient_clip_val: float = 0.0) -> Any:
+    """The Lightning strategy (or "auto") for ``cfg``. Call ``check_strategy_precision`` first."""
     if cfg.name == "auto":
         return "auto"
+    from framework.distributed.precision import detect_device
+
+    backend = cfg.process_group_backend or ("nccl" if detect_device(accelerator).kind == "cuda" else "gloo")
     if cfg.name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        return DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo")
-    raise ValueError(f"strategy={cfg.name!r} is not one of: auto, ddp.")
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=cfg.find_unused_parameters)
+    if cfg.name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(save_distributed_checkpoint=cfg.sharded_checkpoint, process_group_backend=backend)
+    if cfg.name == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        config = deepspeed_config(cfg, precision, micro_batch_size, accumulate_grad_batches, gradient_clip_val)
+        return DeepSpeedStrategy(config=lightning_deepspeed_config(config), process_group_backend=backend)
+    raise ValueError(f"strategy={cfg.name!r} is not one of: auto, ddp, fsdp, deepspeed.")
