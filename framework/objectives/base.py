@@ -68,9 +68,6 @@ class PretrainModule(L.LightningModule):
         # set by framework.train: applies the strategy's parallelism (FSDP2, activation checkpointing,
         # compile) to self.model in configure_model; None = train the model as built
         self.parallelizer = None
-        # set by framework.train: applies the strategy's parallelism (FSDP2, activation checkpointing,
-        # compile) to self.model in configure_model; None = train the model as built
-        self.parallelizer = None
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
 
@@ -119,14 +116,9 @@ class PretrainModule(L.LightningModule):
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
         val_loss = (total / count.clamp_min(1)).float()  # token-weighted mean over all ranks, in nats
-        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False, rank_zero_only=False)
-        self.log("val/ppl", torch.exp(val_loss.clamp(max=50)), sync_dist=False)
-
-    def configure_model(self) -> None:
-        """Lightning hook, run inside the strategy's setup before the optimizer exists (and again before
-        validate/test: the parallelizer is idempotent)."""
-        if self.parallelizer is not None:
-            self.parallelizer(self.model, self.trainer)
+        # already identical on every rank; sync_dist averages identical values (and keeps Lightning quiet)
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(val_loss.clamp(max=50)), sync_dist=True)
 
     def configure_model(self) -> None:
         """Lightning hook, run inside the strategy's setup before the optimizer exists (and again before
