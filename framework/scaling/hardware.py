@@ -40,7 +40,7 @@ PRECISION_DTYPE = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp16", "16-true
 def get_accelerator(name: str) -> Accelerator:
     key = _ALIASES.get(name.upper(), name.upper())
     if key not in ACCELERATORS:
-        raise ValueError(f"unknown GPU {name!r}; known: {', '.join(ACCELERATORS)}.")
+        raise ValueError(f"unknown GPU {name!r}; pick one of: {', '.join(ACCELERATORS)}.")
     return ACCELERATORS[key]
 
 

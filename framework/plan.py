@@ -1,0 +1,218 @@
+"""``fw-plan``: from a compute budget to a compute-optimal experiment the train command runs as is.
+
+    fw-plan --flops 1e21                                   # Besiroglu et al. 2024 law, causal LM, 8 x H100
+    fw-plan --pf-days 10 --law hoffmann2022 --objective mlm
+    fw-plan --gpu-hours 1000 --gpu H100 --mfu 0.4 --precision bf16 --gpus 16 --name my_run
+    python3 -m framework.train experiment=my_run           # run the plan
+
+Prints N_opt and D_opt with the equations used, the model shape, the predicted loss, training FLOPs (6ND
+and exact), batch and steps, memory per GPU for every strategy x precision, the strategy chosen, and the
+estimated wall-clock time; writes ``<conf>/experiment/<name>.yaml`` plus ``<name>.plan.json`` and
+``<name>.plan.md`` beside it. The maths lives in ``framework.scaling``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from framework.scaling import laws
+from framework.scaling.memory import PRECISION_MODES, STRATEGY_SPECS
+from framework.scaling.planner import (REPO_CONF, Plan, PlanRequest, available_options, make_budget, make_plan,
+                                       positive_number)
+
+MODEL_FIELDS = ("family", "d_model", "n_layers", "n_decoder_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                "max_seq_len", "tie_embeddings", "position")
+
+
+def experiment_dict(plan: Plan, name: str) -> dict:
+    """The experiment config: ``# @package _global_`` overrides of the train config's groups and fields."""
+    m = plan.model
+    preset = next(k for k, v in _presets().items() if v.get("family", "decoder") == m["family"])
+    accum = plan.accumulate_grad_batches
+    val_every_steps = max(1, min(1000, plan.steps // 10))
+    exp: dict = {
+        "defaults": [
+            {"override /objective": plan.request["objective"]},
+            {"override /strategy": plan.strategy},
+            {"override /precision": plan.precision},
+        ],
+        "name": name,
+        "model": {"preset": preset, **{k: m[k] for k in MODEL_FIELDS}, "vocab_size": 0},
+        "data": {"vocab_size": plan.request["vocab_size"], "seq_len": plan.request["seq_len"],
+                 "micro_batch_size": plan.micro_batch},
+        "trainer": {"max_steps": plan.steps, "accumulate_grad_batches": accum, "devices": plan.devices,
+                    "num_nodes": plan.num_nodes,
+                    "val_check_interval": val_every_steps * accum},  # Lightning counts micro-batches here
+        "optim": {"lr": float(f"{plan.lr:.3g}"), "warmup_steps": plan.warmup_steps},
+    }
+    if plan.activation_checkpointing:
+        exp["strategy"] = {"activation_checkpointing": True}
+    return exp
+
+
+def _presets() -> dict:
+    from framework.models.config import PRESETS
+
+    return PRESETS
+
+
+def render_markdown(plan: Plan, name: str, run_command: str) -> str:
+    n_b, d_b = plan.n_params / 1e9, plan.tokens / 1e9
+    m = plan.model
+    shape = (f"{m['family']}: d_model {m['d_model']}, {m['n_layers']} layers"
+             + (f" + {m['n_decoder_layers']} decoder layers" if m["family"] == "encoder_decoder" else "")
+             + f", {m['n_heads']} heads of {m['head_dim']} ({m['n_kv_heads']} KV heads), SwiGLU d_ff {m['d_ff']}, "
+             f"vocab {m['vocab_size']} (padded to a multiple of {m['pad_vocab_multiple']}), tied embeddings "
+             f"{m['tie_embeddings']}")
+    mem = plan.chosen_memory
+    lines = [
+        f"# Compute-optimal plan `{name}`",
+        "",
+        f"Budget: {plan.budget_description} = {plan.budget_flops:.4g} FLOPs = {plan.budget_pf_days:.4g} PF/s-days "
+        f"(1 PF/s-day = 8.64e19 FLOPs). Objective `{plan.request['objective']}`, law `{plan.law}`.",
+        "",
+        "## Allocation",
+        *[f"- {eq}" for eq in plan.equations],
+        f"- N_opt = {plan.n_opt:.4g} parameters, D_opt = {plan.d_opt:.4g} tokens "
+        f"({plan.d_opt / plan.n_opt:.1f} tokens/parameter)",
+        f"- model: {shape}",
+        f"- exact parameters: {plan.n_params:,} ({plan.n_params / plan.n_opt - 1:+.2%} vs N_opt)",
+        f"- tokens: {plan.tokens:,} = {plan.steps:,} steps x {plan.global_batch} sequences x "
+        f"{plan.tokens_per_sequence} tokens ({plan.tokens_per_param:.1f} tokens/parameter)",
+        f"- predicted loss L(N, D) = {plan.predicted_loss:.4f} nats/token (at N_opt, D_opt: "
+        f"{plan.predicted_loss_at_opt:.4f}); on another corpus or tokenizer only the trend carries over",
+        "",
+        "## Compute",
+        f"- 6ND = {plan.flops_6nd:.4g} FLOPs; exact per-layer count = {plan.flops_exact:.4g} FLOPs "
+        f"({plan.flops_exact / plan.flops_6nd:.3f} x 6ND)",
+        f"- per step: {plan.flops_per_step:.4g} FLOPs (forward breakdown: "
+        + ", ".join(f"{k} {v:.3g}" for k, v in plan.flops_breakdown_per_step.items() if k not in ("forward", "training"))
+        + ")",
+        f"- batch: {plan.global_batch} sequences of {plan.seq_len} tokens"
+        + (f" (decoder targets {plan.target_len})" if plan.target_len else "")
+        + f" = {plan.global_batch * plan.tokens_per_sequence:,} tokens/step; micro-batch {plan.micro_batch} x "
+        f"accumulation {plan.accumulate_grad_batches} x {plan.n_gpus} GPUs; lr {plan.lr:.3g}, warmup "
+        f"{plan.warmup_steps} steps (DeepSeek LLM 2024 eq. 1)",
+        f"- time: {plan.wall_clock_hours:.3g} h wall-clock on {plan.n_gpus} x {plan.gpu} at MFU "
+        f"{plan.request['mfu']:g} ({plan.peak_flops_per_gpu / 1e12:.1f} TFLOP/s peak each) = "
+        f"{plan.gpu_hours:.4g} GPU-hours",
+        "",
+        "## Memory per GPU",
+        f"Chosen: **{plan.strategy}** + {plan.precision} ({PRECISION_MODES[plan.precision]})"
+        + (" with activation checkpointing" if plan.activation_checkpointing else "")
+        + f": weights {mem['weights_gb']:.2f} + gradients {mem['gradients_gb']:.2f} + optimizer "
+        f"{mem['optimizer_gb']:.2f} + activations {mem['activations_gb']:.2f} + buffers {mem['buffers_gb']:.2f} = "
+        f"**{mem['total_gb']:.2f} GB** of {plan.gpu_memory_gb:.0f} GB (fits under 90%)",
+        "",
+        f"Total GB per GPU at micro-batch {plan.micro_batch} (no activation checkpointing / with); "
+        "`-` = not in conf/strategy yet:",
+        "",
+        "| strategy | " + " | ".join(PRECISION_MODES) + " |",
+        "|---|" + "---|" * len(PRECISION_MODES),
+    ]
+    rows: dict[str, dict[str, list]] = {}
+    for r in plan.memory_table:
+        rows.setdefault(r["strategy"], {}).setdefault(r["precision"], []).append(r)
+    for strategy, by_precision in rows.items():
+        cells = []
+        for precision in PRECISION_MODES:
+            no_ckpt, ckpt = sorted(by_precision[precision], key=lambda r: r["checkpointing"])
+            mark = "" if no_ckpt["available"] else " -"
+            cells.append(f"{no_ckpt['total_gb']:.1f} / {ckpt['total_gb']:.1f}{mark}")
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    lines += ["", "## Run", "", f"    {run_command}", ""]
+    if plan.notes:
+        lines += ["## Notes", *[f"- {n}" for n in plan.notes], ""]
+    return "\n".join(lines)
+
+
+def run_command(name: str, conf_root: Path) -> str:
+    cmd = f"python3 -m framework.train experiment={name}"
+    if Path(conf_root).resolve() != REPO_CONF.resolve():
+        cmd += f" 'hydra.searchpath=[file://{Path(conf_root).resolve()}]'"
+    return cmd
+
+
+def write_plan(plan: Plan, name: str, conf_root: Path = REPO_CONF) -> dict[str, Path]:
+    """Write ``<conf_root>/experiment/<name>.yaml`` and ``.plan.json`` / ``.plan.md`` beside it."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"--name {name!r} may only hold letters, digits, '_', '-' and '.'.")
+    out = Path(conf_root) / "experiment"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = run_command(name, conf_root)
+    exp = OmegaConf.to_yaml(OmegaConf.create(experiment_dict(plan, name)))
+    header = (f"# @package _global_\n# Written by fw-plan: {plan.budget_description}, law {plan.law}: "
+              f"N = {plan.n_params:,} parameters, D = {plan.tokens:,} tokens, strategy {plan.strategy}.\n"
+              f"# Details in {name}.plan.md / {name}.plan.json. Run: {cmd}\n")
+    paths = {"experiment": out / f"{name}.yaml", "json": out / f"{name}.plan.json", "markdown": out / f"{name}.plan.md"}
+    paths["experiment"].write_text(header + exp)
+    paths["json"].write_text(json.dumps({"name": name, "run": cmd, **plan.as_dict()}, indent=2, default=str))
+    paths["markdown"].write_text(render_markdown(plan, name, cmd))
+    return paths
+
+
+def default_name(req: PlanRequest) -> str:
+    return f"plan_{req.objective}_{req.budget.flops:.2e}".replace("+", "").replace(".", "p")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fw-plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = p.add_argument_group("budget (give one)")
+    b.add_argument("--flops", help="training compute in FLOPs, e.g. 1e21")
+    b.add_argument("--pf-days", help="training compute in petaflop/s-days (1 = 8.64e19 FLOPs)")
+    b.add_argument("--gpu-hours", help="GPU-hours on --gpu at --mfu")
+    p.add_argument("--gpu", default="H100", help="GPU type from framework/scaling/hardware.py (V100, A100, H100, H200)")
+    p.add_argument("--mfu", default="0.4", help="assumed model FLOPs utilization, 0-1 (default 0.4)")
+    p.add_argument("--precision", default="bf16", help=f"one of {', '.join(PRECISION_MODES)} (default bf16)")
+    p.add_argument("--objective", default="clm", help="clm (decoder), mlm (encoder), span_corruption (encoder-decoder)")
+    p.add_argument("--law", default=laws.DEFAULT_LAW, help=f"one of {', '.join(laws.LAWS)} (default {laws.DEFAULT_LAW})")
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=0.0, help="memory per GPU in GB (default: the GPU's)")
+    p.add_argument("--seq-len", type=int, default=2048, help="model sequence length (encoder input length)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary (sets data.vocab_size)")
+    p.add_argument("--name", default="", help="experiment name (default plan_<objective>_<budget>)")
+    p.add_argument("--conf-dir", default=str(REPO_CONF),
+                   help="config root to write experiment/<name>.yaml into (default: the repo's conf/)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of Markdown")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.precision not in PRECISION_MODES:
+            raise ValueError(f"--precision {args.precision!r} is not one of {', '.join(PRECISION_MODES)}.")
+        if args.precision not in available_options(REPO_CONF, "precision"):
+            raise ValueError(f"--precision {args.precision!r} has no conf/precision/{args.precision}.yaml yet.")
+        budget = make_budget(flops=args.flops, pf_days=args.pf_days, gpu_hours=args.gpu_hours, gpu=args.gpu,
+                             mfu=args.mfu, precision=args.precision)
+        mfu = positive_number(args.mfu, "--mfu", "0.4")
+        if mfu > 1:
+            raise ValueError(f"--mfu is a fraction of peak between 0 and 1, got {args.mfu!r}.")
+        req = PlanRequest(budget=budget, objective=args.objective, law=args.law, gpu=args.gpu, n_gpus=args.gpus,
+                          gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb, mfu=mfu,
+                          precision=args.precision, seq_len=args.seq_len, vocab_size=args.vocab_size)
+        plan = make_plan(req)
+        name = args.name or default_name(req)
+        paths = write_plan(plan, name, Path(args.conf_dir))
+    except ValueError as e:
+        print(f"fw-plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(paths["json"].read_text())
+    else:
+        print(paths["markdown"].read_text())
+        print(f"wrote {paths['experiment']} (+ .plan.json, .plan.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""From a compute budget to a runnable, compute-optimal experiment.
+
+budget (FLOPs | PF-days | GPU-hours x peak x MFU) -> (N_opt, D_opt) by a scaling law (``laws``) -> the
+model shape of the objective's family whose exact parameter count is closest to N_opt -> batch size,
+learning rate and steps -> exact training FLOPs (``flops``) -> memory per GPU of every strategy x precision
+(``memory``) -> the cheapest strategy that fits the GPUs -> wall-clock time -> ``Plan``.
+``write_plan`` turns a Plan into ``conf/experiment/<name>.yaml`` (+ ``.plan.json`` / ``.plan.md``).
+
+Batch size and learning rate follow the compute-based fits of DeepSeek-AI 2024 ("DeepSeek LLM: Scaling
+Open-Source Language Models with Longtermism", arXiv:2401.02954, eq. 1):
+    B_opt = 0.2920 C^0.3271 tokens,   lr_opt = 0.3118 C^-0.1250      (C in FLOPs)
+fitted for their data and model family between about 1e17 and 3e20 FLOPs; outside that range treat them
+as starting points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from framework.models.config import PRESETS, ModelConfig
+from framework.scaling import flops as flops_mod
+from framework.scaling import laws
+from framework.scaling.hardware import get_accelerator, peak_flops
+from framework.scaling.memory import (GB, PRECISION_MODES, PRECISION_STATE_BYTES, STRATEGIES, STRATEGY_SPECS,
+                                      MemoryEstimate, estimate_memory)
+
+REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+OBJECTIVE_FAMILY = {"clm": "decoder", "mlm": "encoder", "span_corruption": "encoder_decoder"}
+USABLE_MEMORY_FRACTION = 0.9  # of each GPU's memory; the rest is CUDA context, fragmentation, temporaries
+
+
+# ----------------------------------------------------------------------------------------------- budget
+@dataclass(frozen=True)
+class Budget:
+    flops: float
+    description: str
+
+    @property
+    def pf_days(self) -> float:
+        return laws.flops_to_pf_days(self.flops)
+
+
+def positive_number(value: Any, what: str, example: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a positive number such as {example}, got {value!r}.") from None
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{what} must be a positive number such as {example}, got {value!r}.")
+    return x
+
+
+def make_budget(*, flops: Any = None, pf_days: Any = None, gpu_hours: Any = None, gpu: str = "H100",
+                mfu: Any = 0.4, precision: str = "bf16") -> Budget:
+    """Exactly one of ``flops``, ``pf_days`` or ``gpu_hours`` (GPU-hours on ``gpu`` at model FLOPs
+    utilization ``mfu`` with ``precision``'s peak: C = hours x 3600 s x peak FLOP/s x MFU)."""
+    given = [k for k, v in (("flops", flops), ("pf_days", pf_days), ("gpu_hours", gpu_hours)) if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one budget: --flops, --pf-days or --gpu-hours (with --gpu and --mfu).")
+    if flops is not None:
+        c = positive_number(flops, "--flops", "1e21")
+        return Budget(c, f"{c:.4g} FLOPs")
+    if pf_days is not None:
+        d = positive_number(pf_days, "--pf-days", "10")
+        return Budget(laws.pf_days_to_flops(d), f"{d:g} PF/s-days (x 8.64e19 FLOPs)")
+    hours = positive_number(gpu_hours, "--gpu-hours", "1000")
+    u = positive_number(mfu, "--mfu", "0.4")
+    if u > 1:
+        raise ValueError(f"--mfu is a fraction of peak between 0 and 1, got {mfu!r}.")
+    peak = peak_flops(gpu, _dtype(precision))
+    acc = get_accelerator(gpu)
+    return Budget(hours * 3600 * peak * u,
+                  f"{hours:g} GPU-hours on {acc.name} at MFU {u:g} ({_dtype(precision)} peak {peak / 1e12:.1f} TFLOP/s)")
+
+
+def _dtype(precision: str) -> str:
+    return {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "bf16_true": "bf16"}.get(precision, precision)
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class ShapeFamily:
+    """Shapes the search may pick: d_model a multiple of 64 (of 128 from 1024, of 256 from 2048),
+    head_dim 32 below d_model 256, 64 up to 2048, 128 above (GPT-2 / Llama practice); aspect ratio
+    d_model / n_layers (per stack for encoder-decoders) in [min_aspect, max_aspect]. Kaplan et al. 2020
+    (Figure 5) find the loss within a few percent of the best across aspect ratios of about 20 to 200."""
+
+    min_aspect: float = 32.0
+    max_aspect: float = 128.0
+    max_layers: int = 160
+    max_d_model: int = 32768
+
+    def d_models(self) -> list[int]:
+        ds = list(range(64, 1024, 64)) + list(range(1024, 2048, 128)) + list(range(2048, self.max_d_model + 1, 256))
+        return ds
+
+    @staticmethod
+    def head_dim(d_model: int) -> int:
+        return 32 if d_model < 256 else 64 if d_model <= 2048 else 128
+
+    def layer_range(self, d_model: int) -> range:
+        lo = max(1, math.ceil(d_model / self.max_aspect))
+        hi = min(self.max_layers, max(lo, math.floor(d_model / self.min_aspect)))
+        return range(lo, hi + 1)
+
+
+def _preset_for(family: str) -> str:
+    for name, p in PRESETS.items():
+        if p.get("family", "decoder") == family:
+            return name
+    raise ValueError(f"no model preset of family {family!r} exists in framework.models.config.PRESETS yet.")
+
+
+def shape_config(family: str, d_model: int, n_layers: int, vocab_size: int, seq_len: int,
+                 n_kv_heads: int = 0) -> ModelConfig:
+    """The ModelConfig of one candidate shape (every shape field set explicitly)."""
+    hd = ShapeFamily.head_dim(d_model)
+    preset = dict(PRESETS[_preset_for(family)])
+    preset.update(family=family, d_model=d_model, n_layers=n_layers, n_heads=d_model // hd, head_dim=hd,
+                  n_kv_heads=n_kv_heads, d_ff=0, max_seq_len=seq_len, vocab_size=vocab_size,
+                  n_decoder_layers=n_layers if family == "encoder_decoder" else 0)
+    return ModelConfig(name=f"planned-{family}-d{d_model}-l{n_layers}", **preset)
+
+
+def candidate_shapes(family: str, vocab_size: int, seq_len: int, shapes: ShapeFamily = ShapeFamily()):
+    """Yield (n_params, ModelConfig) over the shape family, smallest d_model first."""
+    for d in shapes.d_models():
+        for n_layers in shapes.layer_range(d):
+            cfg = shape_config(family, d, n_layers, vocab_size, seq_len)
+            yield cfg.num_parameters(), cfg
+
+
+def search_shape(family: str, n_target: float, vocab_size: int, seq_len: int,
+                 shapes: ShapeFamily = ShapeFamily()) -> tuple[ModelConfig, int]:
+    """The candidate whose exact parameter count is closest to ``n_target`` (in log ratio); ties go to the
+    aspect ratio nearest 64. Raises if even the smallest shape is larger than ``n_target``."""
+    best, best_key, smallest = None, None, None
+    for n, cfg in candidate_shapes(family, vocab_size, seq_len, shapes):
+        if smallest is None or n < smallest[0]:
+            smallest = (n, cfg)
+        key = (abs(math.log(n / n_target)), abs(math.log(cfg.d_model / cfg.n_layers / 64)))
+        if best_key is None or key < best_key:
+            best, best_key = (cfg, n), key
+    assert smallest is not None and best is not None
+    if n_target < smallest[0]:
+        raise BudgetTooSmall(smallest[0], smallest[1])
+    if best_key[0] > math.log(2):
+        raise ValueError(f"N_opt = {n_target:.3g} parameters is beyond the largest {family} shape the planner "
+                         f"builds (d_model <= {shapes.max_d_model}); lower the budget.")
+    return best
+
+
+class BudgetTooSmall(ValueError):
+    def __init__(self, n_min: int, cfg: ModelConfig) -> None:
+        self.n_min, self.cfg = n_min, cfg
+        super().__init__(f"smallest shape has {n_min} parameters")
+
+
+# ------------------------------------------------------------------------------------- sequence lengths
+def span_corruption_lengths(raw_tokens: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(encoder input length, decoder target length) after T5 span corruption of ``raw_tokens`` tokens
+    (Raffel et al. 2020 sec. 3.1.4; T5's ``random_spans_helper``): the noise tokens are replaced by one
+    sentinel per span in the inputs; the targets hold a sentinel and the tokens of each span; both end in EOS."""
+    noise = max(1, round(raw_tokens * noise_density))
+    spans = max(1, round(noise / mean_noise_span_length))
+    return raw_tokens - noise + spans + 1, noise + spans + 1
+
+
+def sequence_lengths(objective: str, seq_len: int, noise_density: float = 0.15,
+                     mean_noise_span_length: float = 3.0) -> tuple[int, int | None, int]:
+    """(model input length, decoder target length or None, corpus tokens consumed per sequence).
+
+    clm / mlm: ``seq_len`` tokens in, ``seq_len`` tokens consumed. span_corruption: the longest raw window
+    whose corrupted input fits ``seq_len`` (T5's ``compute_input_and_target_lengths``); D counts raw corpus
+    tokens."""
+    if objective != "span_corruption":
+        return seq_len, None, seq_len
+    raw = seq_len
+    while span_corruption_lengths(raw + 1, noise_density, mean_noise_span_length)[0] <= seq_len:
+        raw += 1
+    inputs, targets = span_corruption_lengths(raw, noise_density, mean_noise_span_length)
+    return inputs, targets, raw
+
+
+# ------------------------------------------------------------------------------------------------- plan
+@dataclass
+class PlanRequest:
+    budget: Budget
+    objective: str = "clm"
+    law: str = laws.DEFAULT_LAW
+    gpu: str = "H100"
+    n_gpus: int = 8
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 0.0  # 0 = the GPU's memory from the hardware table
+    mfu: float = 0.4
+    precision: str = "bf16"
+    seq_len: int = 2048
+    vocab_size: int = 32000
+    min_steps: int = 100  # halve the batch until the run has at least this many optimizer steps
+    max_micro_batch: int = 64
+    conf_dir: Path = REPO_CONF  # strategies and precisions the experiment may reference
+
+
+@dataclass
+class Plan:
+    request: dict
+    budget_flops: float
+    budget_pf_days: float
+    budget_description: str
+    law: str
+    equations: list[str]
+    n_opt: float
+    d_opt: float
+    model: dict
+    n_params: int
+    tokens: int
+    tokens_per_param: float
+    predicted_loss: float
+    predicted_loss_at_opt: float
+    flops_6nd: float
+    flops_exact: float
+    flops_per_step: int
+    flops_breakdown_per_step: dict
+    seq_len: int
+    target_len: int | None
+    tokens_per_sequence: int
+    global_batch: int
+    micro_batch: int
+    accumulate_grad_batches: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    strategy: str
+    activation_checkpointing: bool
+    precision: str
+    gpu: str
+    n_gpus: int
+    devices: int
+    num_nodes: int
+    gpu_memory_gb: float
+    chosen_memory: dict
+    memory_table: list[dict]
+    peak_flops_per_gpu: float
+    wall_clock_hours: float
+    gpu_hours: float
+    notes: list[str] = field(default_factory=list)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.model)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def available_options(conf_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+
+
+def _supports_checkpointing() -> bool:
+    from framework.distributed.config import StrategyConfig
+
+    return "activation_checkpointing" in {f.name for f in dataclasses.fields(StrategyConfig)}
+
+
+def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_batch: int, seq_len: int,
+                    target_len: int | None, capacity: float, strategies: list[str]) -> tuple[MemoryEstimate, list[str]]:
+    """The first strategy (in order of cost, ``memory.STRATEGIES``) and largest power-of-two micro-batch
+    dividing ``per_gpu_batch`` that fit; activation checkpointing only when nothing fits without it."""
+    tried = []
+    checkpoint_options = [False, True] if _supports_checkpointing() else [False]
+    for ckpt in checkpoint_options:
+        for spec in STRATEGIES:
+            if spec.name not in strategies:
+                continue
+            if (req.n_gpus == 1) != (spec.name == "auto") and not spec.offload:
+                continue  # one GPU: auto (or offload); several: a distributed strategy
+            if spec.shard_within_node and req.n_gpus <= req.gpus_per_node:
+                continue  # hybrid sharding is full sharding on one node
+            micro = min(per_gpu_batch, req.max_micro_batch)
+            while micro >= 1:
+                if per_gpu_batch % micro == 0:
+                    est = estimate_memory(cfg, n_params, spec.name, req.precision, req.n_gpus, micro, seq_len,
+                                          gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len)
+                    if est.fits(capacity, USABLE_MEMORY_FRACTION):
+                        return est, tried
+                micro //= 2
+            tried.append(spec.name + (" + activation checkpointing" if ckpt else ""))
+    raise ValueError(
+        f"no strategy fits a {n_params / 1e9:.2f}B-parameter model on {req.n_gpus} x {capacity / GB:.0f} GB GPUs "
+        f"(tried {', '.join(tried) or 'none'}; strategies available in conf/strategy: {', '.join(strategies)}); "
+        "use more GPUs, a smaller precision, or a smaller budget.")
+
+
+def make_plan(req: PlanRequest) -> Plan:
+    law = laws.get_law(req.law)
+    if req.objective not in OBJECTIVE_FAMILY:
+        raise ValueError(f"unknown objective {req.objective!r}; pick one of: {', '.join(OBJECTIVE_FAMILY)}.")
+    if req.precision not in PRECISION_STATE_BYTES:
+        raise ValueError(f"unknown precision {req.precision!r}; pick one of: {', '.join(PRECISION_STATE_BYTES)}.")
+    for name, v in (("--gpus", req.n_gpus), ("--gpus-per-node", req.gpus_per_node), ("--seq-len", req.seq_len),
+                    ("--vocab-size", req.vocab_size)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v}.")
+    if req.n_gpus > req.gpus_per_node and req.n_gpus % req.gpus_per_node:
+        raise ValueError(f"--gpus {req.n_gpus} is not a whole number of nodes of {req.gpus_per_node} GPUs; "
+                         "make it a multiple of --gpus-per-node.")
+    acc = get_accelerator(req.gpu)
+    capacity = (req.gpu_memory_gb or acc.memory_gb) * GB
+    family = OBJECTIVE_FAMILY[req.objective]
+    notes: list[str] = []
+
+    c = req.budget.flops
+    n_opt, d_opt = law.optimal_allocation(c)
+    try:
+        cfg, n_params = search_shape(family, n_opt, req.vocab_size, req.seq_len)
+    except BudgetTooSmall as e:
+        c_min = law.budget_for_params(e.n_min)
+        raise ValueError(
+            f"a budget of {c:.3g} FLOPs is too small: its compute-optimal size N_opt = {n_opt:.3g} parameters is below "
+            f"the smallest {family} model ({e.n_min:,} parameters with a {req.vocab_size}-token vocabulary), whose "
+            f"compute-optimal budget under {law.name} is {c_min:.3g} FLOPs; raise the budget or lower --vocab-size."
+        ) from None
+
+    seq_len, target_len, tokens_per_seq = sequence_lengths(req.objective, req.seq_len)
+    # D for the model actually built: the law's D_opt for this compute, D = C / (6 N) (stays on the budget)
+    tokens_wanted = c / (laws.FLOPS_PER_PARAM_TOKEN * n_params)
+    batch_tokens = 0.2920 * c**0.3271  # DeepSeek LLM eq. 1
+    per_gpu = 2 ** max(0, round(math.log2(max(1.0, batch_tokens / tokens_per_seq / req.n_gpus))))
+    while per_gpu > 1 and tokens_wanted / (per_gpu * req.n_gpus * tokens_per_seq) < req.min_steps:
+        per_gpu //= 2
+    global_batch = per_gpu * req.n_gpus
+    tokens_per_step = global_batch * tokens_per_seq
+    steps = max(1, math.ceil(tokens_wanted / tokens_per_step))
+    tokens = steps * tokens_per_step
+    if steps < req.min_steps:
+        notes.append(f"only {steps} optimizer steps even at 1 sequence per GPU: the budget is tiny for {req.n_gpus} GPUs.")
+    lr = 0.3118 * c**-0.1250  # DeepSeek LLM eq. 1
+    warmup = max(1, min(2000, steps // 20))
+
+    strategies = [s for s in available_options(req.conf_dir, "strategy") if s in STRATEGY_SPECS]
+    chosen, _ = choose_strategy(cfg, n_params, req, per_gpu, seq_len, target_len, capacity, strategies)
+    micro = chosen.micro_batch
+    table = []
+    for spec in STRATEGIES:
+        for precision in PRECISION_STATE_BYTES:
+            for ckpt in (False, True):
+                est = estimate_memory(cfg, n_params, spec.name, precision, req.n_gpus, micro, seq_len,
+                                      gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len)
+                row = est.as_dict()
+                row["fits"] = est.fits(capacity, USABLE_MEMORY_FRACTION)
+                row["available"] = spec.name in strategies
+                table.append(row)
+
+    flops_step = flops_mod.forward_flops(cfg, global_batch, seq_len, target_len)
+    flops_exact = float(flops_step.training) * steps
+    peak = peak_flops(req.gpu, _dtype(req.precision))
+    wall_s = flops_exact / (req.n_gpus * peak * req.mfu)
+    flops_6nd = laws.FLOPS_PER_PARAM_TOKEN * n_params * tokens
+    if abs(flops_exact / flops_6nd - 1) > 0.1:
+        notes.append(f"the exact count is {flops_exact / flops_6nd:.2f} x 6ND: attention scores and the LM head are "
+                     "large next to 6N at this size; the law's C is 6ND (Hoffmann et al. eq. 4).")
+    devices = min(req.n_gpus, req.gpus_per_node)
+    return Plan(
+        request={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(req).items() if k != "budget"},
+        budget_flops=c, budget_pf_days=req.budget.pf_days, budget_description=req.budget.description,
+        law=law.name, equations=law.equations(), n_opt=n_opt, d_opt=d_opt, model=dataclasses.asdict(cfg),
+        n_params=n_params, tokens=tokens, tokens_per_param=tokens / n_params,
+        predicted_loss=law.loss(n_params, tokens), predicted_loss_at_opt=law.loss(n_opt, d_opt),
+        flops_6nd=flops_6nd, flops_exact=flops_exact, flops_per_step=flops_step.training,
+        flops_breakdown_per_step=flops_step.as_dict(), seq_len=seq_len, target_len=target_len,
+        tokens_per_sequence=tokens_per_seq, global_batch=global_batch, micro_batch=micro,
+        accumulate_grad_batches=per_gpu // micro, steps=steps, lr=lr, warmup_steps=warmup,
+        strategy=chosen.strategy, activation_checkpointing=chosen.checkpointing, precision=req.precision,
+        gpu=acc.name, n_gpus=req.n_gpus, devices=devices, num_nodes=math.ceil(req.n_gpus / devices),
+        gpu_memory_gb=capacity / GB, chosen_memory=chosen.as_dict(), memory_table=table, peak_flops_per_gpu=peak,
+        wall_clock_hours=wall_s / 3600, gpu_hours=wall_s * req.n_gpus / 3600, notes=notes,
+    )
+
+
+__all__ = ["Budget", "make_budget", "PlanRequest", "Plan", "make_plan", "search_shape", "shape_config",
+           "candidate_shapes", "sequence_lengths", "span_corruption_lengths", "choose_strategy", "PRECISION_MODES"]
