@@ -23,6 +23,15 @@ SPECIAL = SpecialIds(pad=0, bos=1, eos=2, unk=3, mask=4, sentinels=tuple(range(5
 VOCAB = 512
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin-waiting on a shared 2-core machine (~50x slower there)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_module(objective: str = "clm", preset: str = "tiny", seq_len: int = 32, **overrides):
     cfg = ModelConfig.from_name(preset, vocab_size=VOCAB, **overrides)
     return objective_class(objective)(**module_kwargs(cfg, OptimConfig(warmup_steps=1), ObjectiveConfig(), SPECIAL,
@@ -37,38 +46,80 @@ def make_batch(module, batch_size: int, seq_len: int, seed: int = 0):
     return collate(windows) if collate is not None else windows
 
 
-def decoder_matmul_flops(cfg: ModelConfig, B: int, T: int) -> int:
-    """Forward+backward matmul FLOPs of a decoder step, by hand: 2 FLOPs per multiply-add, backward = 2 x forward.
-
-    Per layer and token: q, k, v, o projections and the three SwiGLU matrices; per layer and sequence:
-    scores Q K^T and the weighted sum over V, each 2 * T^2 * (n_heads * head_dim) (full T x T, as counted
-    by FlopCounterMode); then the LM head, d x V_padded per token.
-    """
-    d, hd, ff = cfg.d_model, cfg.head_dim, cfg.d_ff
-    per_token = cfg.n_layers * (2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + 3 * d * ff)
-    per_token += d * cfg.padded_vocab_size
-    attention = cfg.n_layers * 2 * T * T * cfg.n_heads * hd  # per sequence, multiply-adds
-    return 3 * 2 * (B * T * per_token + B * attention)
+def attention_layer_flops(cfg: ModelConfig, q_tokens: int, kv_tokens: int) -> int:
+    """Forward matmul FLOPs of one attention layer on one sequence (2 FLOPs per multiply-add): the q and o
+    projections on the queries, k and v on the keys, and the full q_tokens x kv_tokens scores and weighted sum
+    (FlopCounterMode does not halve causal attention)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    proj = 2 * q_tokens * d * cfg.n_heads * hd * 2 + 2 * kv_tokens * d * cfg.n_kv_heads * hd * 2
+    return proj + 2 * 2 * q_tokens * kv_tokens * cfg.n_heads * hd
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 2, "tie_embeddings": False}])
-def test_decoder_flops_equal_hand_formula(overrides):
-    module = make_module("clm", **overrides)
+def hand_training_flops(cfg: ModelConfig, B: int, T: int, target_len: int = 0, head_rows: int | None = None) -> int:
+    """Forward + backward matmul FLOPs of one micro-batch, by hand; backward = 2 x forward (a gradient for each
+    matmul's input and one for its weight). ``head_rows``: positions the LM head runs on (default: all)."""
+    mlp = lambda tokens: 2 * tokens * 3 * cfg.d_model * cfg.d_ff  # noqa: E731  SwiGLU: gate, up, down
+    if cfg.family == "encoder_decoder":
+        S = T
+        forward = B * cfg.n_layers * (attention_layer_flops(cfg, S, S) + mlp(S))
+        forward += B * cfg.n_decoder_layers * (attention_layer_flops(cfg, target_len, target_len)
+                                               + attention_layer_flops(cfg, target_len, S) + mlp(target_len))
+        rows = B * target_len
+    else:
+        forward = B * cfg.n_layers * (attention_layer_flops(cfg, T, T) + mlp(T))
+        rows = B * T
+    forward += 2 * (rows if head_rows is None else head_rows) * cfg.d_model * cfg.padded_vocab_size
+    return 3 * forward
+
+
+FAMILIES = [("clm", "tiny", {}), ("clm", "tiny", {"n_kv_heads": 2, "tie_embeddings": False}),
+            ("mlm", "bert-tiny", {}), ("span_corruption", "t5-tiny", {})]
+
+
+@pytest.mark.parametrize("objective,preset,overrides", FAMILIES)
+def test_step_flops_equal_hand_formula(objective, preset, overrides):
+    """FlopCounterMode counts matmuls only, so the hand count of matmuls must match exactly (tolerance 0)."""
+    module = make_module(objective, preset, **overrides)
     B, T = 4, 32
-    measured = measure_training_flops(module, make_batch(module, B, T))
-    # FlopCounterMode counts matmuls only, so the hand count of matmuls must match exactly.
-    assert measured == decoder_matmul_flops(module.model_config, B, T)
+    batch = make_batch(module, B, T)
+    measured = measure_training_flops(module, batch)
+    cfg = module.model_config
+    if objective == "clm":
+        expected = hand_training_flops(cfg, B, T)
+    elif objective == "mlm":  # the head runs on the selected positions only
+        expected = hand_training_flops(cfg, B, T, head_rows=int((batch["labels"] != -100).sum()))
+    else:
+        assert batch["input_ids"].shape[1] == T
+        expected = hand_training_flops(cfg, B, T, target_len=batch["labels"].shape[1])
+    assert measured == expected
 
 
-def test_meta_measurement_equals_counter_on_the_real_step():
+@pytest.mark.parametrize("objective,preset,overrides", FAMILIES)
+def test_meta_measurement_equals_counter_on_the_real_step(objective, preset, overrides):
     """The meta-device count equals FlopCounterMode around the real CPU step (math attention, so SDPA is visible)."""
-    module = make_module("clm")
+    module = make_module(objective, preset, **overrides)
     batch = make_batch(module, 4, 32)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
         loss, _ = module.compute_loss(batch)
         loss.backward()
     assert measure_training_flops(module, batch) == counter.get_total_flops()
+
+
+def test_step_flops_equal_the_planners_formula():
+    """framework.scaling.flops (the planner's per-layer formula) agrees with the measurement where both count the
+    same matmuls (decoder, encoder-decoder); the masked LM's head runs on the selected positions only."""
+    flops = pytest.importorskip("framework.scaling.flops")
+    for objective, preset, overrides in FAMILIES:
+        module = make_module(objective, preset, **overrides)
+        batch = make_batch(module, 4, 32)
+        measured = measure_training_flops(module, batch)
+        target = batch["labels"].shape[1] if objective == "span_corruption" else None
+        formula = flops.training_flops_per_step(module.model_config, 4, 32, target)
+        if objective == "mlm":
+            assert measured < formula
+        else:
+            assert measured == formula
 
 
 def test_mfu_and_pf_days_by_hand():
@@ -100,7 +151,7 @@ def test_callback_logs_mfu_for_known_step_time_and_peak(tmp_path):
                         callbacks=[monitor], log_every_n_steps=1, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
-    flops = decoder_matmul_flops(module.model_config, B, T)
+    flops = hand_training_flops(module.model_config, B, T)
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     last = [r for r in rows if r.get("throughput/mfu")][-1]
     # each micro-batch takes one tick of the fake clock

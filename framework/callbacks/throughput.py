@@ -31,7 +31,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 PF_DAY_FLOPS = 1e15 * 86_400  # FLOPs in one petaFLOP/s-day
@@ -46,23 +47,42 @@ def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float,
     return flops_per_step / step_time_s / (peak_flops_per_device * devices)
 
 
-def _to_meta(x: Any) -> Any:
-    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+def _to_cpu(x: Any) -> Any:
+    return x.detach().to("cpu") if isinstance(x, torch.Tensor) else x
+
+
+_INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+              torch.ops.aten._index_put_impl_.default}
+
+
+class _MetaWithRealBatch(TorchDispatchMode):
+    """Ops on CPU tensors alone run for real (the batch's masks and counts keep their values); an op that mixes
+    them with meta tensors gets its CPU inputs as meta tensors, except indices, which fix the output's shape."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        if func not in _INDEX_OPS and any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves):
+            args, kwargs = tree_map(
+                lambda t: t.to("meta") if isinstance(t, torch.Tensor) and not t.is_meta else t, (args, kwargs))
+        return func(*args, **kwargs)
 
 
 def measure_training_flops(module: L.LightningModule, batch: Any) -> int:
     """FLOPs of forward + backward of ``module.compute_loss(batch)`` for one micro-batch.
 
-    Runs on a meta-device copy built from the module's hyperparameters (plain dicts), with ``batch``'s
-    tensors replaced by meta tensors of the same shapes and dtypes, so no memory or compute is used.
+    Runs on a meta-device copy built from the module's hyperparameters (plain dicts): the weights and
+    activations are meta tensors (no memory, no compute). The batch itself (B x T integers) is kept as real
+    CPU tensors, so data-dependent steps of an objective still see real values: the masked-LM head runs on
+    the N positions this batch selects (N varies by a few percent between batches; this batch's N is used).
     """
     with torch.device("meta"):
         meta_module = type(module)(**module.hparams)
     meta_module.train()
-    meta_batch = tree_map(_to_meta, batch)
+    cpu_batch = tree_map(_to_cpu, batch)
     counter = FlopCounterMode(display=False)
-    with counter:
-        loss, _ = meta_module.compute_loss(meta_batch)
+    with counter, _MetaWithRealBatch():
+        loss, _ = meta_module.compute_loss(cpu_batch)
         loss.backward()
     return int(counter.get_total_flops())
 
