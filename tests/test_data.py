@@ -146,3 +146,17 @@ def test_windows_never_cross_shards(tmp_path):
 
 def test_special_token_list_layout():
     assert SPECIAL_TOKENS[:5] == ["<pad>", "<bos>", "<eos>", "<unk>", "<mask>"] and len(SPECIAL_TOKENS) == 105
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_datasets_source_through_load_dataset(tmp_path, streaming):
+    # load_dataset accepts a local directory as the dataset name: the same code path as a hub name, offline
+    ds_dir = tmp_path / "my_dataset"
+    ds_dir.mkdir()
+    (ds_dir / "train.jsonl").write_text("\n".join(json.dumps({"content": f"record {i} " * 30}) for i in range(25)))
+    cfg = DataConfig(source="hub", hub_name=str(ds_dir), hub_split="train", text_field="content",
+                     streaming=streaming, max_documents=20)
+    docs = list(iter_documents(cfg))
+    assert len(docs) == 20
+    assert docs[3][1].startswith("record 3 ")
+    assert docs[0][0] != docs[1][0]  # distinct, stable ids drive the validation split
