@@ -174,11 +174,14 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     return model.eval(), dict(hp)
 
 
-def find_tokenizer(checkpoint: Path) -> Path:
-    """The run's ``tokenizer.json``: beside the checkpoint or in a parent directory (the run directory)."""
+def find_tokenizer(checkpoint: Path, recorded: str = "") -> Path:
+    """The run's ``tokenizer.json``: beside the checkpoint, in a parent directory (the run directory), or the
+    data-cache path recorded in the checkpoint's hyperparameters."""
     for directory in [checkpoint.parent, *checkpoint.resolve().parents][:4]:
         if (directory / "tokenizer.json").exists():
             return directory / "tokenizer.json"
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
     raise FileNotFoundError(f"no tokenizer.json beside {checkpoint} or in its run directory; pass --tokenizer "
                             "<path> (the data cache holds it: <data.cache_dir>/<source>-<key>/tokenizer.json).")
 
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     model, hp = load_checkpoint(args.checkpoint)
     model.to(args.device)
-    tok = load_tokenizer(args.tokenizer or find_tokenizer(Path(args.checkpoint)))
+    tok = load_tokenizer(args.tokenizer or find_tokenizer(Path(args.checkpoint), hp.get("tokenizer_path", "")))
     special = hp["special_ids"]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,

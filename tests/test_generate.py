@@ -107,6 +107,20 @@ def test_greedy_with_and_without_kv_cache_gives_identical_tokens(overrides):
     assert torch.equal(logits[:, 6:].argmax(-1), cached[:, 7:])
 
 
+def test_encoder_decoder_greedy_with_and_without_kv_cache_gives_identical_tokens():
+    from framework.generate import generate_seq2seq
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("t5-tiny", vocab_size=300)).eval()
+    inputs = torch.randint(5, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    cached = generate_seq2seq(model, inputs, 25, greedy=True, start_id=0, use_cache=True)
+    uncached = generate_seq2seq(model, inputs, 25, greedy=True, start_id=0, use_cache=False)
+    assert cached.shape == (2, 26) and bool((cached[:, 0] == 0).all())
+    assert torch.equal(cached, uncached)
+    logits = model(inputs, cached[:, :-1])  # teacher-forced pass over the generated tokens
+    assert torch.equal(logits.argmax(-1), cached[:, 1:])
+
+
 def test_seeded_sampling_is_reproducible_and_stops_at_eos():
     model = tiny_decoder()
     prompt = torch.randint(5, 300, (2, 5), generator=torch.Generator().manual_seed(2))
