@@ -20,10 +20,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from framework.callbacks.preemption import PreemptionCallback
 from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
 from framework.data.datamodule import PretrainDataModule
 from framework.data.prepare import prepare_data
-from framework.distributed.checkpoints import resolve_resume
+from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_plugins, checkpoint_wandb_id, resolve_resume
 from framework.distributed.parallelize import Parallelizer
 from framework.distributed.precision import check_strategy_precision, detect_device
 from framework.distributed.strategies import build_strategy
@@ -40,8 +41,16 @@ def _is_global_zero() -> bool:
         os.environ.get("LOCAL_RANK", "0")) == 0
 
 
-def build_run(cfg: TrainConfig, run_dir: Path):
-    """Everything ``fit`` needs, built from the typed config: (trainer, module, datamodule, prepared)."""
+def _cluster_plugins() -> list:
+    """Under srun: Lightning's SLURM environment with its in-handler auto-requeue off (PreemptionCallback does it)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
+    """Everything ``fit`` needs, built from the typed config: (trainer, module, datamodule, prepared).
+    ``resume_from``: the checkpoint ``fit`` will resume from (its wandb run id is continued)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
@@ -75,7 +84,10 @@ def build_run(cfg: TrainConfig, run_dir: Path):
         num_nodes=t.num_nodes, precision=cfg.precision.mode, strategy=build_strategy(
             cfg.strategy, t.accelerator, cfg.precision.mode, cfg.data.micro_batch_size, t.accumulate_grad_batches,
             t.gradient_clip_val),
-        logger=build_loggers(cfg.logger, run_dir, cfg.name) or False, callbacks=[checkpointing],
+        logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
+        callbacks=[checkpointing, ResumeStateCallback(),
+                   PreemptionCallback(ckpt_dir / "last.ckpt", signals=tuple(cfg.cluster.requeue_signals))],
+        plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),
         default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),
     )
@@ -87,11 +99,15 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    trainer, module, datamodule, prepared = build_run(cfg, run_dir)
     ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
+    trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=ckpt_path)
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
+    if preemption.preempted:  # checkpoint saved at a step boundary: requeue (SLURM) and skip the final evaluation
+        requeued = preemption.requeue(trainer)
+        return {"step": int(trainer.global_step), "preempted": True, "requeued": requeued}
 
     datamodule.val_windows = 10**9  # the final evaluation covers the whole validation split
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -138,7 +154,7 @@ def main(cfg: DictConfig) -> float:
     if _is_global_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return run(run_cfg, run_dir)["val_loss_nats"]
+    return run(run_cfg, run_dir).get("val_loss_nats", float("nan"))
 
 
 if __name__ == "__main__":

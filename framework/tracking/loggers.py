@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import uuid
 from pathlib import Path
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from framework.tracking.config import LoggerConfig
 
@@ -27,9 +32,12 @@ def wandb_mode(cfg: LoggerConfig) -> str:
     return cfg.wandb_mode
 
 
-def wandb_run_id(run_dir: Path) -> str:
-    """The run's wandb id: created once, stored in the run directory, reused on every resume."""
+def wandb_run_id(run_dir: Path, from_checkpoint: str | None = None) -> str:
+    """The run's wandb id: created once, stored in the run directory, reused on every resume.
+    ``from_checkpoint``: the id stored in the checkpoint being resumed, which wins over the file."""
     path = run_dir / "wandb_run_id.txt"
+    if from_checkpoint:
+        return from_checkpoint
     if path.exists():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
@@ -44,12 +52,60 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str) -> list:
+class _AppendingCSVWriter(ExperimentWriter):
+    """Keeps ``metrics.csv`` when a run restarts (Lightning's writer deletes it). Rows at or after the first
+    step this process logs came from a run killed after its last checkpoint; they are dropped and logged again."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self._resume_step: int | None = None
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+        if self._resume_step is None and step is not None:
+            self._resume_step = step
+            self._drop_rows_from(step)
+        super().log_metrics(metrics_dict, step)
+
+    def _drop_rows_from(self, step: int) -> None:
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < step]
+        tmp = self.metrics_file_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that appends across restarts of a run and flushes whenever a checkpoint is saved."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.save()  # rows up to a checkpoint are on disk before a crash can lose them
+
+
+def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, wandb_id: str | None = None) -> list:
+    """``wandb_id``: the wandb run id stored in the checkpoint being resumed, if any."""
     loggers = []
     if cfg.csv:
-        from lightning.pytorch.loggers import CSVLogger
-
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(ResumableCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if cfg.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -60,7 +116,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str) -> list:
         mode = wandb_mode(cfg)
         loggers.append(WandbLogger(
             project=cfg.wandb_project, entity=cfg.wandb_entity or None, group=cfg.wandb_group or None,
-            tags=list(cfg.wandb_tags) or None, name=run_name, id=wandb_run_id(run_dir), resume="allow",
+            tags=list(cfg.wandb_tags) or None, name=run_name, id=wandb_run_id(run_dir, wandb_id), resume="allow",
             save_dir=str(run_dir), offline=(mode == "offline"), mode=mode,
         ))
     return loggers
