@@ -1,0 +1,1 @@
+"""Evaluation of pretrained checkpoints beyond validation loss: in-context (zero-/few-shot) accuracy."""
