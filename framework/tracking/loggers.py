@@ -98,7 +98,16 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
     def after_save_checkpoint(self, checkpoint_callback) -> None:
-        self.save()  # rows up to a checkpoint are on disk before a crash can lose them
+        # rows up to a checkpoint reach the disk before a crash can lose them; the checkpointed step's own
+        # row is logged just after the checkpoint (Lightning logs after on_train_batch_end): flush it then
+        self.save()
+        self._flush_at_next_log = True
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        if getattr(self, "_flush_at_next_log", False):
+            self._flush_at_next_log = False
+            self.save()
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, wandb_id: str | None = None) -> list:
