@@ -111,7 +111,7 @@ def render_markdown(plan: Plan, name: str, run_command: str) -> str:
         f"**{mem['total_gb']:.2f} GB** of {plan.gpu_memory_gb:.0f} GB (fits under 90%)",
         "",
         f"Total GB per GPU at micro-batch {plan.micro_batch} (no activation checkpointing / with); "
-        "`-` = not in conf/strategy yet:",
+        "`-` = not in conf/strategy, `x` = refused by the strategy x precision matrix on this GPU:",
         "",
         "| strategy | " + " | ".join(PRECISION_MODES) + " |",
         "|---|" + "---|" * len(PRECISION_MODES),
@@ -123,7 +123,7 @@ def render_markdown(plan: Plan, name: str, run_command: str) -> str:
         cells = []
         for precision in PRECISION_MODES:
             no_ckpt, ckpt = sorted(by_precision[precision], key=lambda r: r["checkpointing"])
-            mark = "" if no_ckpt["available"] else " -"
+            mark = " -" if not no_ckpt["available"] else " x" if no_ckpt.get("refused") else ""
             cells.append(f"{no_ckpt['total_gb']:.1f} / {ckpt['total_gb']:.1f}{mark}")
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Run", "", f"    {run_command}", ""]

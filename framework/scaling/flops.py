@@ -14,11 +14,12 @@ Appendix F / Narayanan et al. 2021 sec. 5.1 use for their FLOP counts):
 
 Shapes follow ``framework.models``: attention projections wq (d -> n_heads*hd), wk and wv
 (d -> n_kv_heads*hd, grouped-query when n_kv_heads < n_heads), wo (n_heads*hd -> d); SwiGLU with three
-matrices (d -> d_ff twice, d_ff -> d); an LM head (d -> padded vocab) on every output position.
+matrices (d -> d_ff twice, d_ff -> d); an LM head (d -> padded vocab) on every output position, or on ``head_rows`` rows in all (the masked LM
+runs its head on the selected positions only).
 
-    training_flops_per_step(cfg, batch_size, seq_len, target_len=None) -> FLOPs of one optimizer step
-    on ``batch_size`` sequences; for ``encoder_decoder`` ``seq_len`` is the encoder (input) length and
-    ``target_len`` the decoder (target) length.
+    training_flops_per_step(cfg, batch_size, seq_len, target_len=None, head_rows=None) -> FLOPs of one
+    training step on ``batch_size`` sequences; for ``encoder_decoder`` ``seq_len`` is the encoder (input)
+    length and ``target_len`` the decoder (target) length.
 """
 
 from __future__ import annotations
@@ -71,20 +72,22 @@ def _vocab(cfg: ModelConfig) -> int:
     return cfg.padded_vocab_size
 
 
-def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: int | None = None) -> FlopsBreakdown:
+def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: int | None = None,
+                  head_rows: int | None = None) -> FlopsBreakdown:
     """Forward FLOPs of ``batch_size`` sequences through the model ``cfg`` builds.
 
-    decoder / encoder: ``seq_len`` tokens each, an LM head over every position (the MLM objective scores
-    all positions and ignores the unmasked ones in the loss). encoder_decoder: an encoder over ``seq_len``
-    input tokens, a decoder over ``target_len`` target tokens with self-attention and cross-attention over
-    the encoder's output, and an LM head over the targets.
+    decoder / encoder: ``seq_len`` tokens each. encoder_decoder: an encoder over ``seq_len`` input tokens, a
+    decoder over ``target_len`` target tokens with self-attention and cross-attention over the encoder's
+    output. The LM head runs on every output position (decoder / encoder: B x seq_len rows; encoder_decoder:
+    B x target_len), or on ``head_rows`` rows in all when given (the masked LM: the selected positions).
     """
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}.")
     if cfg.family in ("decoder", "encoder"):
         proj, scores = _attention(cfg, seq_len, seq_len)
         layers = cfg.n_layers
-        breakdown = (layers * proj, layers * scores, layers * _mlp(cfg, seq_len), 2 * seq_len * cfg.d_model * _vocab(cfg))
+        head_per_seq = seq_len
+        breakdown = (layers * proj, layers * scores, layers * _mlp(cfg, seq_len))
     elif cfg.family == "encoder_decoder":
         if not target_len or target_len <= 0:
             raise ValueError("an encoder_decoder FLOP count needs target_len (the decoder's length).")
@@ -96,16 +99,18 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: i
             n_enc * enc_proj + n_dec * (self_proj + cross_proj),
             n_enc * enc_scores + n_dec * (self_scores + cross_scores),
             n_enc * _mlp(cfg, seq_len) + n_dec * _mlp(cfg, target_len),
-            2 * target_len * cfg.d_model * _vocab(cfg),
         )
+        head_per_seq = target_len
     else:
         raise ValueError(f"no FLOP count for model family {cfg.family!r}.")
-    return FlopsBreakdown(*(batch_size * x for x in breakdown))
+    rows = batch_size * head_per_seq if head_rows is None else head_rows
+    return FlopsBreakdown(*(batch_size * x for x in breakdown), 2 * rows * cfg.d_model * _vocab(cfg))
 
 
-def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: int | None = None) -> int:
+def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: int | None = None,
+                            head_rows: int | None = None) -> int:
     """FLOPs of one training step (forward + backward) on ``batch_size`` sequences: 3 x forward."""
-    return forward_flops(cfg, batch_size, seq_len, target_len).training
+    return forward_flops(cfg, batch_size, seq_len, target_len, head_rows).training
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int | None = None) -> float:

@@ -161,29 +161,24 @@ class BudgetTooSmall(ValueError):
 
 
 # ------------------------------------------------------------------------------------- sequence lengths
-def span_corruption_lengths(raw_tokens: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """(encoder input length, decoder target length) after T5 span corruption of ``raw_tokens`` tokens
-    (Raffel et al. 2020 sec. 3.1.4; T5's ``random_spans_helper``): the noise tokens are replaced by one
-    sentinel per span in the inputs; the targets hold a sentinel and the tokens of each span; both end in EOS."""
-    noise = max(1, round(raw_tokens * noise_density))
-    spans = max(1, round(noise / mean_noise_span_length))
-    return raw_tokens - noise + spans + 1, noise + spans + 1
+def sequence_lengths(objective: str, seq_len: int) -> tuple[int | None, int | None]:
+    """(decoder target length or None, LM-head rows per sequence or None = every position) of ``objective``
+    at ``seq_len`` model input tokens, with the objective's default settings.
 
+    span_corruption: T5's ``random_spans_helper`` (568 raw tokens -> 512 inputs, 114 targets at the defaults);
+    mlm: the head runs on the mask_probability x seq_len selected positions only. D counts model input
+    tokens per sequence (``seq_len``) for every objective, as ``tokens_seen`` does (T5 sec. 3.1.2 counts
+    encoder input tokens the same way)."""
+    from framework.objectives.config import ObjectiveConfig
 
-def sequence_lengths(objective: str, seq_len: int, noise_density: float = 0.15,
-                     mean_noise_span_length: float = 3.0) -> tuple[int, int | None, int]:
-    """(model input length, decoder target length or None, corpus tokens consumed per sequence).
+    defaults = ObjectiveConfig(name=objective)
+    if objective == "span_corruption":
+        from framework.data.collators import random_spans_helper
 
-    clm / mlm: ``seq_len`` tokens in, ``seq_len`` tokens consumed. span_corruption: the longest raw window
-    whose corrupted input fits ``seq_len`` (T5's ``compute_input_and_target_lengths``); D counts raw corpus
-    tokens."""
-    if objective != "span_corruption":
-        return seq_len, None, seq_len
-    raw = seq_len
-    while span_corruption_lengths(raw + 1, noise_density, mean_noise_span_length)[0] <= seq_len:
-        raw += 1
-    inputs, targets = span_corruption_lengths(raw, noise_density, mean_noise_span_length)
-    return inputs, targets, raw
+        return random_spans_helper(seq_len, defaults.noise_density, defaults.mean_noise_span_length)[1], None
+    if objective == "mlm":
+        return None, max(1, round(defaults.mask_probability * seq_len))
+    return None, None
 
 
 # ------------------------------------------------------------------------------------------------- plan
@@ -260,6 +255,26 @@ def available_options(conf_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
 
 
+def refusal(strategy: str, precision: str, gpu: str, conf_dir: Path = REPO_CONF) -> str | None:
+    """Why the training code would refuse ``strategy`` x ``precision`` on ``gpu`` (its refusal matrix,
+    ``framework.distributed.precision``), or None when the pair runs."""
+    from omegaconf import OmegaConf
+
+    from framework.distributed.config import StrategyConfig
+    from framework.distributed.precision import DeviceInfo, check_strategy_precision
+
+    path = Path(conf_dir) / "strategy" / f"{strategy}.yaml"
+    if not path.exists():
+        return f"no conf/strategy/{strategy}.yaml"
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StrategyConfig), OmegaConf.load(path)))
+    acc = get_accelerator(gpu)
+    try:
+        check_strategy_precision(cfg, PRECISION_MODES[precision], DeviceInfo("cuda", acc.name, "bf16" in acc.peak_flops))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _supports_checkpointing() -> bool:
     from framework.distributed.config import StrategyConfig
 
@@ -274,7 +289,7 @@ def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_b
     checkpoint_options = [False, True] if _supports_checkpointing() else [False]
     for ckpt in checkpoint_options:
         for spec in STRATEGIES:
-            if spec.name not in strategies:
+            if spec.name not in strategies or refusal(spec.name, req.precision, req.gpu, req.conf_dir):
                 continue
             if (req.n_gpus == 1) != (spec.name == "auto") and not spec.offload:
                 continue  # one GPU: auto (or offload); several: a distributed strategy
@@ -325,7 +340,8 @@ def make_plan(req: PlanRequest) -> Plan:
             f"compute-optimal budget under {law.name} is {c_min:.3g} FLOPs; raise the budget or lower --vocab-size."
         ) from None
 
-    seq_len, target_len, tokens_per_seq = sequence_lengths(req.objective, req.seq_len)
+    seq_len = tokens_per_seq = req.seq_len
+    target_len, head_rows_per_seq = sequence_lengths(req.objective, seq_len)
     # D for the model actually built: the law's D_opt for this compute, D = C / (6 N) (stays on the budget)
     tokens_wanted = c / (laws.FLOPS_PER_PARAM_TOKEN * n_params)
     batch_tokens = 0.2920 * c**0.3271  # DeepSeek LLM eq. 1
@@ -353,16 +369,20 @@ def make_plan(req: PlanRequest) -> Plan:
                 row = est.as_dict()
                 row["fits"] = est.fits(capacity, USABLE_MEMORY_FRACTION)
                 row["available"] = spec.name in strategies
+                row["refused"] = refusal(spec.name, precision, req.gpu, req.conf_dir) if row["available"] else None
                 table.append(row)
 
-    flops_step = flops_mod.forward_flops(cfg, global_batch, seq_len, target_len)
+    head_rows = None if head_rows_per_seq is None else head_rows_per_seq * global_batch
+    flops_step = flops_mod.forward_flops(cfg, global_batch, seq_len, target_len, head_rows)
     flops_exact = float(flops_step.training) * steps
     peak = peak_flops(req.gpu, _dtype(req.precision))
     wall_s = flops_exact / (req.n_gpus * peak * req.mfu)
     flops_6nd = laws.FLOPS_PER_PARAM_TOKEN * n_params * tokens
     if abs(flops_exact / flops_6nd - 1) > 0.1:
-        notes.append(f"the exact count is {flops_exact / flops_6nd:.2f} x 6ND: attention scores and the LM head are "
-                     "large next to 6N at this size; the law's C is 6ND (Hoffmann et al. eq. 4).")
+        why = ("each input token passes through the encoder only, while N counts both stacks"
+               if family == "encoder_decoder" else "attention scores and the LM head are not in 6N")
+        notes.append(f"the exact count is {flops_exact / flops_6nd:.2f} x 6ND ({why}); the law's budget C is 6ND "
+                     "(Hoffmann et al. eq. 4) and wall-clock time uses the exact count.")
     devices = min(req.n_gpus, req.gpus_per_node)
     return Plan(
         request={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(req).items() if k != "budget"},
@@ -382,4 +402,4 @@ def make_plan(req: PlanRequest) -> Plan:
 
 
 __all__ = ["Budget", "make_budget", "PlanRequest", "Plan", "make_plan", "search_shape", "shape_config",
-           "candidate_shapes", "sequence_lengths", "span_corruption_lengths", "choose_strategy", "PRECISION_MODES"]
+           "candidate_shapes", "sequence_lengths", "choose_strategy", "PRECISION_MODES"]
