@@ -56,6 +56,15 @@ class TrainerConfig:
 class CallbacksConfig:
     checkpoint_every_n_steps: int = 100
     keep_checkpoints: int = 2  # newest step checkpoints kept beside last.ckpt (-1 keeps all)
+    # throughput/* and compute/* metrics (framework.callbacks.throughput)
+    throughput: bool = True
+    throughput_window: int = 20  # micro-batches averaged for tokens/s, FLOP/s and MFU
+    peak_flops_per_device: float = 0.0  # 0 = the table's peak for the detected GPU and precision; set it elsewhere
+    # in-context evaluation after training ("" = off), e.g. framework/evaluation/tasks/docstring_topic.jsonl
+    icl_task: str = ""
+    icl_shots: list[int] = field(default_factory=lambda: [0, 1, 3])
+    icl_limit: int = 0  # queries evaluated (the task's first N; 0 = all)
+    model_card: bool = True  # README.md + model_card.json in the run directory at the end of training
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import hydra
@@ -20,7 +21,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from framework.callbacks.model_card import run_card_info, write_model_card
 from framework.callbacks.preemption import PreemptionCallback
+from framework.callbacks.throughput import ThroughputMonitor, pf_days
 from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
 from framework.data.datamodule import PretrainDataModule
 from framework.data.prepare import prepare_data
@@ -28,6 +31,7 @@ from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_pl
 from framework.distributed.parallelize import Parallelizer
 from framework.distributed.precision import check_strategy_precision, detect_device
 from framework.distributed.strategies import build_strategy
+from framework.evaluation.icl import evaluate_after_training, load_task
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
 from framework.tracking.loggers import build_loggers
@@ -86,7 +90,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
         callbacks=[checkpointing, ResumeStateCallback(),
-                   PreemptionCallback(ckpt_dir / "last.ckpt", signals=tuple(cfg.cluster.requeue_signals))],
+                   PreemptionCallback(ckpt_dir / "last.ckpt", signals=tuple(cfg.cluster.requeue_signals))]
+        + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
+           if cfg.callbacks.throughput else []),
         plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),
         default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),
@@ -100,10 +106,15 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
+    if cfg.callbacks.icl_task:
+        load_task(cfg.callbacks.icl_task)  # a missing or malformed task fails now, not after training
     trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=ckpt_path)
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}")
+    if trainer.is_global_zero:  # the run directory is self-contained for fw-generate and the ICL command
+        shutil.copyfile(prepared.tokenizer_path, run_dir / "tokenizer.json")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    train_loss = trainer.callback_metrics.get("train/loss")
     preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
     if preemption.preempted:  # checkpoint saved at a step boundary: requeue (SLURM) and skip the final evaluation
         requeued = preemption.requeue(trainer)
@@ -119,10 +130,20 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
         "val_ppl": float(torch.exp(torch.tensor(min(val_loss, 50.0)))),
         "val_unigram_entropy_nats": float(prepared.meta["val_unigram_entropy_nats"]),
         "parameters": module.model_config.num_parameters(),
+        "train_loss": float(train_loss) if train_loss is not None else None,
     }
+    monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    if monitor is not None and monitor.flops_per_micro_batch:
+        metrics.update(flops=monitor.cumulative_flops, pf_days=pf_days(monitor.cumulative_flops))
+    if cfg.callbacks.icl_task:
+        metrics["icl_task"] = Path(cfg.callbacks.icl_task).stem
+        metrics["icl_accuracy"] = evaluate_after_training(trainer, module, prepared.tokenizer(), cfg.callbacks.icl_task,
+                                                          cfg.callbacks.icl_shots, cfg.callbacks.icl_limit)
     if trainer.is_global_zero:
         (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         _print_summary(metrics, run_dir)
+        if cfg.callbacks.model_card:
+            write_model_card(run_dir, run_card_info(cfg.name, module, trainer, cfg.data, prepared.meta, metrics))
     return metrics
 
 

@@ -178,6 +178,24 @@ def parse_shots(text: str | list | tuple) -> tuple[int, ...]:
     return tuple(values)
 
 
+def evaluate_after_training(trainer, module, tokenizer, task_path: str, shots, limit: int = 0) -> dict[int, float]:
+    """The end-of-training evaluation ``callbacks.icl_task`` asks for. Every rank runs it (a sharded model's
+    forward needs all ranks); rank 0 prints the accuracies and logs them as ``icl/acc_<k>shot`` to every logger."""
+    import dataclasses
+
+    task = load_task(task_path)
+    special = dataclasses.asdict(module.special_ids)
+    accuracy = evaluate(module.model, module.model_config.family, tokenizer, special, task, parse_shots(shots),
+                        limit=limit)
+    if trainer.is_global_zero:
+        n = len(task.examples) if limit <= 0 else min(limit, len(task.examples))
+        print(format_accuracy(task, accuracy, n))
+        for logger in trainer.loggers:
+            logger.log_metrics({f"icl/acc_{k}shot": v for k, v in accuracy.items()}, step=trainer.global_step)
+            logger.save()
+    return accuracy
+
+
 def main(argv: list[str] | None = None) -> dict[int, float]:
     p = argparse.ArgumentParser(prog="python3 -m framework.evaluation.icl", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a .ckpt written by training")

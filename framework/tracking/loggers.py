@@ -26,10 +26,38 @@ def wandb_has_credentials() -> bool:
 
 def wandb_mode(cfg: LoggerConfig) -> str:
     if cfg.wandb_mode == "auto":
+        if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+            return os.environ["WANDB_MODE"]  # the user's environment decides, as wandb itself would
         return "online" if wandb_has_credentials() else "offline"
     if cfg.wandb_mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.wandb_mode={cfg.wandb_mode!r} must be auto, online, offline or disabled.")
     return cfg.wandb_mode
+
+
+def hydra_multirun_job() -> tuple[str, int] | None:
+    """(sweep name, job number) when this process is a member of a Hydra multirun, else None.
+    The sweep name is the last part of ``hydra.sweep.dir`` (``multirun/<name>`` in conf/train.yaml)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hc.sweep.dir)).name, int(hc.job.num)
+
+
+def wandb_group_and_name(cfg: LoggerConfig, run_name: str) -> tuple[str | None, str]:
+    """The group (``logger.wandb_group``; by default the sweep's name for every member of a multirun, so a
+    sweep shows as one group) and the run's display name (``<name>-<job number>`` inside a multirun)."""
+    job = hydra_multirun_job()
+    if job is None:
+        return cfg.wandb_group or None, run_name
+    sweep, num = job
+    return cfg.wandb_group or sweep, f"{run_name}-{num}"
 
 
 def wandb_run_id(run_dir: Path, from_checkpoint: str | None = None) -> str:
@@ -123,9 +151,10 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, wandb_id: str
         from lightning.pytorch.loggers import WandbLogger
 
         mode = wandb_mode(cfg)
+        group, name = wandb_group_and_name(cfg, run_name)
         loggers.append(WandbLogger(
-            project=cfg.wandb_project, entity=cfg.wandb_entity or None, group=cfg.wandb_group or None,
-            tags=list(cfg.wandb_tags) or None, name=run_name, id=wandb_run_id(run_dir, wandb_id), resume="allow",
+            project=cfg.wandb_project, entity=cfg.wandb_entity or None, group=group,
+            tags=list(cfg.wandb_tags) or None, name=name, id=wandb_run_id(run_dir, wandb_id), resume="allow",
             save_dir=str(run_dir), offline=(mode == "offline"), mode=mode,
         ))
     return loggers
