@@ -142,7 +142,7 @@ def test_prompt_too_long_is_a_clear_error():
 
 
 def test_fill_mask_replaces_only_masked_positions():
-    Encoder = pytest.importorskip("framework.models.encoder").Encoder
+    from framework.models.encoder import Encoder
 
     torch.manual_seed(0)
     model = Encoder(ModelConfig(family="encoder", vocab_size=300, d_model=64, n_layers=2, n_heads=4)).eval()

@@ -107,19 +107,16 @@ def test_meta_measurement_equals_counter_on_the_real_step(objective, preset, ove
 
 
 def test_step_flops_equal_the_planners_formula():
-    """framework.scaling.flops (the planner's per-layer formula) agrees with the measurement where both count the
-    same matmuls (decoder, encoder-decoder); the masked LM's head runs on the selected positions only."""
-    flops = pytest.importorskip("framework.scaling.flops")
+    """framework.scaling.flops (the planner's per-layer formula) equals the measurement for every family; the
+    masked LM's head runs on the batch's selected positions only (head_rows)."""
+    from framework.scaling import flops
     for objective, preset, overrides in FAMILIES:
         module = make_module(objective, preset, **overrides)
         batch = make_batch(module, 4, 32)
-        measured = measure_training_flops(module, batch)
         target = batch["labels"].shape[1] if objective == "span_corruption" else None
-        formula = flops.training_flops_per_step(module.model_config, 4, 32, target)
-        if objective == "mlm":
-            assert measured < formula
-        else:
-            assert measured == formula
+        head_rows = int((batch["labels"] != -100).sum()) if objective == "mlm" else None
+        formula = flops.training_flops_per_step(module.model_config, 4, 32, target, head_rows=head_rows)
+        assert measure_training_flops(module, batch) == formula
 
 
 def test_mfu_and_pf_days_by_hand():
