@@ -111,7 +111,7 @@ def consolidate_deepspeed(path: str | Path, tag: str | None = None) -> dict[str,
 
     weights = merge([s[flat_key] for s in shards])
     # Adam's moments sit in the base optimizer's state, one entry per flat group, same layout as the weights
-    base = [s["optimizer_state_dict"] for s in shards]
+    base = [s["base_optimizer_state"] if stage <= 2 else s["optimizer_state_dict"] for s in shards]
     n_groups = len(shards[0][flat_key])
     moments = {}
     for key in ("exp_avg", "exp_avg_sq"):
@@ -139,10 +139,14 @@ def consolidate_deepspeed(path: str | Path, tag: str | None = None) -> dict[str,
         if source in state_dict:
             state_dict[alias] = state_dict[source]
     client = torch.load(z.get_model_state_file(str(ds_dir), stage), map_location="cpu", weights_only=False)
+    # the module's own key order (as a DDP run saves it); ZeRO-3 stores empty placeholders under these keys
+    order = [k for k in client.get("module", {}) if k in state_dict]
+    state_dict = {**{k: state_dict[k] for k in order}, **{k: v for k, v in state_dict.items() if k not in order}}
     deepspeed_keys = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
                       "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version", "buffer_names",
                       "param_shapes", "frozen_param_shapes", "shared_params", "frozen_param_fragments",
-                      "sparse_tensor_module_names", "data_sampler", "random_ltd", "param_alignment_paddings"}
+                      "sparse_tensor_module_names", "data_sampler", "random_ltd", "param_alignment_paddings",
+                      "checkpoint_parallel_dimensions"}
     checkpoint = {k: v for k, v in client.items() if k not in deepspeed_keys}
     checkpoint["state_dict"] = state_dict
     checkpoint["optimizer_states"] = [{"state": state, "param_groups": groups}] if moments else []

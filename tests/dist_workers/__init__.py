@@ -1,0 +1,1 @@
+"""Scripts launched as separate processes by the strategy tests (2 CPU ranks, gloo), plus what they share."""
