@@ -34,7 +34,7 @@ from framework.distributed.strategies import build_strategy
 from framework.evaluation.icl import evaluate_after_training, load_task
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
-from framework.tracking.loggers import build_loggers
+from framework.tracking.loggers import build_loggers, finish_wandb
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
@@ -144,6 +144,7 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
         _print_summary(metrics, run_dir)
         if cfg.callbacks.model_card:
             write_model_card(run_dir, run_card_info(cfg.name, module, trainer, cfg.data, prepared.meta, metrics))
+    finish_wandb(trainer)
     return metrics
 
 

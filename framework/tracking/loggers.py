@@ -158,3 +158,15 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, wandb_id: str
             save_dir=str(run_dir), offline=(mode == "offline"), mode=mode,
         ))
     return loggers
+
+
+def finish_wandb(trainer) -> None:
+    """Close this process's wandb run, so a later run in the same process (the members of a Hydra multirun
+    under the basic launcher, or a resumed run in a test) starts its own instead of reusing this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers) and trainer.is_global_zero:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
