@@ -185,8 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--flops -3e20`` -> ``--flops=-3e20``: argparse takes "-3e20" for an option, and the user should hear
+    that a budget must be positive instead."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_attach_negative_values(argv))
     try:
         if args.precision not in PRECISION_MODES:
             raise ValueError(f"--precision {args.precision!r} is not one of {', '.join(PRECISION_MODES)}.")

@@ -16,6 +16,7 @@ as starting points.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ from framework.scaling.memory import (GB, PRECISION_MODES, PRECISION_STATE_BYTES
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 OBJECTIVE_FAMILY = {"clm": "decoder", "mlm": "encoder", "span_corruption": "encoder_decoder"}
+# the objectives' defaults (framework.objectives.config.ObjectiveConfig; importing it would load Lightning):
+MASK_PROBABILITY = 0.15  # BERT (Devlin et al. 2019, sec. 3.1)
+NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH = 0.15, 3.0  # T5 (Raffel et al. 2020, sec. 3.1.4)
 USABLE_MEMORY_FRACTION = 0.9  # of each GPU's memory; the rest is CUDA context, fragmentation, temporaries
 
 
@@ -87,11 +91,12 @@ class ShapeFamily:
     """Shapes the search may pick: d_model a multiple of 64 (of 128 from 1024, of 256 from 2048),
     head_dim 32 below d_model 256, 64 up to 2048, 128 above (GPT-2 / Llama practice); aspect ratio
     d_model / n_layers (per stack for encoder-decoders) in [min_aspect, max_aspect]. Kaplan et al. 2020
-    (Figure 5) find the loss within a few percent of the best across aspect ratios of about 20 to 200."""
+    (Figure 5) find the loss within a few percent of the best across a wide range of aspect ratios (about
+    10 to 200 at 50M parameters), so the range is wide and the search prefers 64 among near-equal counts."""
 
-    min_aspect: float = 32.0
+    min_aspect: float = 16.0
     max_aspect: float = 128.0
-    max_layers: int = 160
+    max_layers: int = 256
     max_d_model: int = 32768
 
     def d_models(self) -> list[int]:
@@ -127,31 +132,33 @@ def shape_config(family: str, d_model: int, n_layers: int, vocab_size: int, seq_
 
 
 def candidate_shapes(family: str, vocab_size: int, seq_len: int, shapes: ShapeFamily = ShapeFamily()):
-    """Yield (n_params, ModelConfig) over the shape family, smallest d_model first."""
+    """Yield (n_params, d_model, n_layers) over the shape family. The exact count is linear in the number of
+    layers (per stack), so two ModelConfigs per width give it for every depth."""
     for d in shapes.d_models():
+        one = shape_config(family, d, 1, vocab_size, seq_len).num_parameters()
+        per_layer = shape_config(family, d, 2, vocab_size, seq_len).num_parameters() - one
         for n_layers in shapes.layer_range(d):
-            cfg = shape_config(family, d, n_layers, vocab_size, seq_len)
-            yield cfg.num_parameters(), cfg
+            yield one + (n_layers - 1) * per_layer, d, n_layers
 
 
 def search_shape(family: str, n_target: float, vocab_size: int, seq_len: int,
-                 shapes: ShapeFamily = ShapeFamily()) -> tuple[ModelConfig, int]:
-    """The candidate whose exact parameter count is closest to ``n_target`` (in log ratio); ties go to the
-    aspect ratio nearest 64. Raises if even the smallest shape is larger than ``n_target``."""
-    best, best_key, smallest = None, None, None
-    for n, cfg in candidate_shapes(family, vocab_size, seq_len, shapes):
-        if smallest is None or n < smallest[0]:
-            smallest = (n, cfg)
-        key = (abs(math.log(n / n_target)), abs(math.log(cfg.d_model / cfg.n_layers / 64)))
-        if best_key is None or key < best_key:
-            best, best_key = (cfg, n), key
-    assert smallest is not None and best is not None
-    if n_target < smallest[0]:
-        raise BudgetTooSmall(smallest[0], smallest[1])
-    if best_key[0] > math.log(2):
+                 shapes: ShapeFamily = ShapeFamily(), tolerance: float = 0.01) -> tuple[ModelConfig, int]:
+    """The candidate whose exact parameter count is closest to ``n_target``; among those within ``tolerance``
+    (relative) of the closest, the one with aspect ratio nearest 64 (GPT-2 small / Llama 7B-like proportions
+    at the size). Raises BudgetTooSmall if even the smallest shape is larger than ``n_target``."""
+    scored = [(abs(math.log(n / n_target)), abs(math.log(d / n_layers / 64)), n, d, n_layers)
+              for n, d, n_layers in candidate_shapes(family, vocab_size, seq_len, shapes)]
+    smallest = min(scored, key=lambda t: t[2])
+    if n_target < smallest[2]:
+        raise BudgetTooSmall(smallest[2], shape_config(family, smallest[3], smallest[4], vocab_size, seq_len))
+    best_error = min(t[0] for t in scored)
+    if best_error > math.log(2):
         raise ValueError(f"N_opt = {n_target:.3g} parameters is beyond the largest {family} shape the planner "
                          f"builds (d_model <= {shapes.max_d_model}); lower the budget.")
-    return best
+    _, _, n, d, n_layers = min((t for t in scored if t[0] <= best_error + tolerance), key=lambda t: (t[1], t[0]))
+    cfg = shape_config(family, d, n_layers, vocab_size, seq_len)
+    assert cfg.num_parameters() == n
+    return cfg, n
 
 
 class BudgetTooSmall(ValueError):
@@ -169,15 +176,12 @@ def sequence_lengths(objective: str, seq_len: int) -> tuple[int | None, int | No
     mlm: the head runs on the mask_probability x seq_len selected positions only. D counts model input
     tokens per sequence (``seq_len``) for every objective, as ``tokens_seen`` does (T5 sec. 3.1.2 counts
     encoder input tokens the same way)."""
-    from framework.objectives.config import ObjectiveConfig
-
-    defaults = ObjectiveConfig(name=objective)
     if objective == "span_corruption":
         from framework.data.collators import random_spans_helper
 
-        return random_spans_helper(seq_len, defaults.noise_density, defaults.mean_noise_span_length)[1], None
+        return random_spans_helper(seq_len, NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH)[1], None
     if objective == "mlm":
-        return None, max(1, round(defaults.mask_probability * seq_len))
+        return None, max(1, round(MASK_PROBABILITY * seq_len))
     return None, None
 
 
@@ -255,6 +259,7 @@ def available_options(conf_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
 
 
+@functools.lru_cache(maxsize=None)
 def refusal(strategy: str, precision: str, gpu: str, conf_dir: Path = REPO_CONF) -> str | None:
     """Why the training code would refuse ``strategy`` x ``precision`` on ``gpu`` (its refusal matrix,
     ``framework.distributed.precision``), or None when the pair runs."""
