@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from framework.callbacks.model_card import card_info_from_checkpoint, write_model_card
 from framework.data.tokenizer import SPECIAL_TOKENS, SpecialIds, load_tokenizer
 from framework.models.config import ModelConfig
 
@@ -203,6 +204,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
         "auto_class": auto_class, "objective": hparams.get("objective", {}).get("name"),
         "model_config": hparams["model_config"], "parameters": config.num_parameters(),
     }, indent=2))
+    write_model_card(out, card_info_from_checkpoint(checkpoint),
+                     usage=f"from transformers import AutoTokenizer, {auto_class}\n"
+                           f"model = {auto_class}.from_pretrained({str(out)!r})\n"
+                           f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
     return out
 
 

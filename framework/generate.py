@@ -17,7 +17,6 @@ then nucleus / top-p (Holtzman et al. 2020, "The Curious Case of Neural Text Deg
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -239,5 +238,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     return outputs
 
 
+def cli() -> None:
+    """Console entry point ``fw-generate`` (exit status 0; ``main`` returns the texts for callers)."""
+    main()
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    cli()

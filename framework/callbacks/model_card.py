@@ -12,9 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from framework.callbacks.throughput import pf_days
-
 CARD_JSON = "model_card.json"
+PF_DAY_FLOPS = 1e15 * 86_400  # one petaFLOP/s-day, as in framework.callbacks.throughput (not imported: no Lightning
+# import for the export command)
+
+
+def pf_days(flops: float) -> float:
+    return flops / PF_DAY_FLOPS
 
 ARCHITECTURES = {
     "decoder": "decoder-only transformer (GPT/Llama-style): causal self-attention with rotary positions, "
@@ -74,7 +78,8 @@ def _fmt(x: Any, spec: str = ",") -> str:
     return format(x, spec)
 
 
-def render_model_card(info: ModelCardInfo) -> str:
+def render_model_card(info: ModelCardInfo, usage: str | None = None) -> str:
+    """The card as Markdown; ``usage``: a code snippet for a "How to load" section (exports)."""
     c, d, comp, res = info.model_config, info.data, info.compute, info.results
     family = c.get("family", "decoder")
     layers = (f"{c['n_layers']} encoder + {c.get('n_decoder_layers') or c['n_layers']} decoder layers"
@@ -122,6 +127,8 @@ def render_model_card(info: ModelCardInfo) -> str:
     if res.get("icl_accuracy"):
         cells = ", ".join(f"{k}-shot {v:.3f}" for k, v in res["icl_accuracy"].items())
         lines.append(f"- in-context accuracy on {res.get('icl_task', 'the task')}: {cells}")
+    if usage:
+        lines += ["", "## How to load", "", "```python", usage, "```"]
     lines += [
         "",
         "## Intended use",
@@ -146,12 +153,12 @@ def _padded(c: dict) -> int | None:
     return ((v + m - 1) // m) * m if v else None
 
 
-def write_model_card(path: str | Path, info: ModelCardInfo) -> Path:
+def write_model_card(path: str | Path, info: ModelCardInfo, usage: str | None = None) -> Path:
     """Write README.md (and model_card.json) into the directory ``path``; returns the README's path."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     readme = directory / "README.md"
-    readme.write_text(render_model_card(info))
+    readme.write_text(render_model_card(info, usage))
     (directory / CARD_JSON).write_text(json.dumps(asdict(info), indent=2, default=str))
     return readme
 
@@ -181,7 +188,7 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     from framework.models import ModelConfig
 
     checkpoint = Path(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)  # weights stay on disk
     hp = ckpt["hyper_parameters"]
     flops = None
     for key, state in (ckpt.get("callbacks") or {}).items():

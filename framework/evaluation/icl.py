@@ -220,5 +220,10 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
     return accuracy
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point ``fw-icl`` (exit status 0; ``main`` returns the accuracies for callers)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
