@@ -43,12 +43,9 @@ def expected_refusal(strategy: str, precision: str, device: DeviceInfo) -> str |
 @pytest.fixture(scope="module")
 def option_configs(compose):
     """(strategy option, precision option) -> (StrategyConfig, Lightning precision string), from conf/."""
-    out = {}
-    for s in STRATEGY_OPTIONS:
-        for p in PRECISION_OPTIONS:
-            cfg = to_run_config(compose([f"strategy={s}", f"precision={p}"]))
-            out[s, p] = (cfg.strategy, cfg.precision.mode)
-    return out
+    strategies = {s: to_run_config(compose([f"strategy={s}"])).strategy for s in STRATEGY_OPTIONS}
+    precisions = {p: to_run_config(compose([f"precision={p}"])).precision.mode for p in PRECISION_OPTIONS}
+    return {(s, p): (strategies[s], precisions[p]) for s in STRATEGY_OPTIONS for p in PRECISION_OPTIONS}
 
 
 @pytest.mark.parametrize("device", [CPU, H100, V100], ids=["cpu", "h100", "v100"])

@@ -1,0 +1,184 @@
+"""Every strategy x precision pair on one GPU through Lightning: final loss, tokens/s, peak memory.
+
+    python3 bench/strategy_precision.py                      # all 10 strategies x 4 precisions, 30 steps each
+    python3 bench/strategy_precision.py --strategies ddp fsdp --precisions bf16 fp32 --steps 50
+    python3 bench/strategy_precision.py --per-block          # + fsdp/ddp with activation checkpointing, compile
+
+Each pair trains the same model from the same seed on the same batches (the embedded stdlib corpus), in a
+fresh process (its own process group, CUDA memory counters and DeepSpeed state), so the final losses should
+agree to within the precision's rounding and any difference in speed or memory is the strategy's.
+A pair the framework refuses is listed with its one-sentence reason instead of numbers.
+tokens/s is measured over the steps after the first ``--warmup`` (CUDA synchronised); peak memory is
+``torch.cuda.max_memory_allocated`` over the whole run. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+STRATEGIES = ["ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "deepspeed_zero1", "deepspeed_zero2",
+              "deepspeed_zero3", "deepspeed_zero2_offload", "deepspeed_zero3_offload"]
+PRECISIONS = ["fp32", "fp16", "bf16", "bf16_true"]
+PER_BLOCK = [("ddp", "bf16", ["strategy.compile=true"]), ("fsdp", "bf16", ["strategy.activation_checkpointing=true"]),
+             ("fsdp", "bf16", ["strategy.compile=true"]),
+             ("deepspeed_zero2", "bf16", ["strategy.activation_checkpointing=true"])]
+
+
+def overrides(args, strategy: str, precision: str, extra: list[str]) -> list[str]:
+    return [
+        f"model={args.model}", "data=stdlib", f"data.seq_len={args.seq_len}", f"data.micro_batch_size={args.micro_batch}",
+        f"data.cache_dir={args.cache_dir}", f"trainer.max_steps={args.steps}", "trainer.val_check_interval=1000000",
+        "trainer.log_every_n_steps=1000000", "trainer.accelerator=gpu", "trainer.devices=1",
+        "trainer.enable_progress_bar=false", "callbacks.checkpoint_every_n_steps=1000000", "logger=csv",
+        f"optim.warmup_steps={max(1, args.steps // 5)}", f"strategy={strategy}", f"precision={precision}",
+        "resume=never", "seed=1234", *extra,
+    ]
+
+
+def compose(overrides_: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from framework.config import register_configs, to_run_config
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides_)
+    # optional callbacks of other subsystems that would only add time here
+    for key in ("throughput", "model_card"):
+        if key in cfg.callbacks:
+            cfg.callbacks[key] = False
+    return to_run_config(cfg)
+
+
+def run_one(args, strategy: str, precision: str, extra: list[str]) -> dict:
+    """In this process: train one pair and return its numbers (or the refusal)."""
+    import lightning as L
+    import torch
+
+    from framework.distributed.precision import check_strategy_precision, detect_device
+    from framework.train import build_run
+
+    cfg = compose(overrides(args, strategy, precision, extra))
+    try:
+        check_strategy_precision(cfg.strategy, cfg.precision.mode, detect_device(cfg.trainer.accelerator))
+    except ValueError as err:
+        return {"refused": str(err)}
+
+    class Meter(L.Callback):
+        def __init__(self) -> None:
+            self.t0 = self.t1 = None
+            self.timed_steps = 0
+            self.loss = float("nan")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.loss = float(outputs["loss"])
+            if trainer.global_step == args.warmup:
+                torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+            elif trainer.global_step > args.warmup:
+                self.timed_steps += 1
+            if trainer.global_step == args.steps:
+                torch.cuda.synchronize()
+                self.t1 = time.perf_counter()
+
+    run_dir = Path(args.cache_dir).parent / "bench_runs" / f"{strategy}-{precision}-{'-'.join(extra) or 'plain'}"
+    torch.cuda.reset_peak_memory_stats()
+    trainer, module, dm, _ = build_run(cfg, run_dir)
+    meter = Meter()
+    trainer.callbacks.append(meter)
+    trainer.fit(module, datamodule=dm)
+    tokens = meter.timed_steps * args.micro_batch * args.seq_len * trainer.world_size
+    return {"loss": meter.loss, "tokens_per_s": tokens / (meter.t1 - meter.t0),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "params": module.model_config.num_parameters()}
+
+
+def table(rows: list[tuple[str, str, str, dict]]) -> str:
+    lines = ["| strategy | precision | options | loss at end (nats) | tokens/s | peak memory (GiB) |",
+             "|---|---|---|---:|---:|---:|"]
+    for strategy, precision, extra, r in rows:
+        if "refused" in r:
+            lines.append(f"| {strategy} | {precision} | {extra} | refused: {r['refused']} | | |")
+        elif "error" in r:
+            lines.append(f"| {strategy} | {precision} | {extra} | FAILED: {r['error']} | | |")
+        else:
+            lines.append(f"| {strategy} | {precision} | {extra} | {r['loss']:.4f} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['peak_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--precisions", nargs="+", default=PRECISIONS)
+    parser.add_argument("--per-block", action="store_true", help="also time activation checkpointing and compile")
+    parser.add_argument("--model", default="gpt2-small")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10, help="steps excluded from tokens/s")
+    parser.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache" / "data"))
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per pair")
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    parser.add_argument("--one", nargs=3, metavar=("STRATEGY", "PRECISION", "EXTRA_JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/strategy_precision.py needs a CUDA GPU (it times Lightning's GPU strategies, and DeepSpeed "
+                 "runs only on CUDA); run it on a GPU node. The CPU equivalents are tests/test_fsdp.py and "
+                 "tests/test_deepspeed_cpu.py.")
+    if args.one:  # child mode: one pair, one JSON line
+        strategy, precision, extra = args.one[0], args.one[1], json.loads(args.one[2])
+        print("RESULT " + json.dumps(run_one(args, strategy, precision, extra)), flush=True)
+        return
+
+    from framework.data.prepare import prepare_data
+
+    prepare_data(compose(overrides(args, "ddp", "fp32", [])).data, progress=False)  # once, before the children
+    pairs = [(s, p, []) for s in args.strategies for p in args.precisions]
+    if args.per_block:
+        pairs += PER_BLOCK
+    rows = []
+    for strategy, precision, extra in pairs:
+        cmd = [sys.executable, __file__, "--one", strategy, precision, json.dumps(extra), "--model", args.model,
+               "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--cache-dir", args.cache_dir]
+        start = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            result = json.loads(found[-1][7:]) if found else {
+                "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        except subprocess.TimeoutExpired:
+            result = {"error": f"timed out after {args.timeout} s"}
+        rows.append((strategy, precision, " ".join(extra) or "-", result))
+        print(f"{strategy:>24} {precision:>9} {' '.join(extra) or '-':>40}  {time.time() - start:5.0f} s  "
+              f"{json.dumps(result)[:160]}", file=sys.stderr, flush=True)
+
+    name = torch.cuda.get_device_name(0)
+    header = (f"{name}, torch {torch.__version__}, {datetime.date.today().isoformat()}; model={args.model}, "
+              f"seq_len={args.seq_len}, micro_batch={args.micro_batch}, {args.steps} steps (tokens/s over the last "
+              f"{args.steps - args.warmup})\ncommand: python3 bench/strategy_precision.py {' '.join(sys.argv[1:])}\n")
+    text = header + "\n" + table(rows)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
