@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", default="0.4", help="assumed model FLOPs utilization, 0-1 (default 0.4)")
     p.add_argument("--precision", default="bf16", help=f"one of {', '.join(PRECISION_MODES)} (default bf16)")
     p.add_argument("--objective", default="clm", help="clm (decoder), mlm (encoder), span_corruption (encoder-decoder)")
-    p.add_argument("--law", default=laws.DEFAULT_LAW, help=f"one of {', '.join(laws.LAWS)} (default {laws.DEFAULT_LAW})")
+    p.add_argument("--law", default=laws.DEFAULT_LAW,
+                   help=f"one of {', '.join(laws.LAWS)} (default {laws.DEFAULT_LAW}), or a fit.json from recipes/isoflop.py")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gb", type=float, default=0.0, help="memory per GPU in GB (default: the GPU's)")

@@ -98,6 +98,19 @@ def test_units_and_budget_forms():
         laws.get_law("kaplan")
 
 
+def test_a_fitted_law_file_is_a_law(tmp_path):
+    import json
+
+    f = tmp_path / "fit.json"
+    f.write_text(json.dumps({"law": {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}}))
+    law = laws.get_law(str(f))
+    assert law.optimal_allocation(1e21) == pytest.approx(laws.HOFFMANN_2022.optimal_allocation(1e21))
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (str(tmp_path / "bad.json"), str(tmp_path / "missing.json")):
+        with pytest.raises(ValueError, match="fit.json|no fitted law"):
+            laws.get_law(bad)
+
+
 # a handful of starts keeps the test fast; the recipe uses fit.COARSE_GRID
 FEW_STARTS = {"alpha": np.array([0.5]), "beta": np.array([0.5]), "e": np.array([0.0]), "a": np.array([5.0]),
               "b": np.array([5.0, 10.0])}
@@ -134,3 +147,33 @@ def test_fit_with_noise_recovers_the_allocation_exponent():
     assert fitted.E == pytest.approx(truth.E, rel=0.05)
     with pytest.raises(ValueError, match="at least 5"):
         fit_parametric_law(n[:4], d[:4], loss[:4])
+
+
+def test_isoflop_recipe_points_experiments_and_plot(tmp_path, compose):
+    import json
+
+    from recipes import isoflop
+
+    points = isoflop.make_points([1e11, 1e12], 3, vocab_size=512, seq_len=64, micro_batch=32)
+    assert len(points) == 6 and len({p.name for p in points}) == 6
+    for p in points:  # each run spends its budget as 6ND, to within one step's tokens
+        assert abs(6 * p.n_params * p.tokens - p.budget) <= 6 * p.n_params * 32 * 64 / 2
+        assert p.tokens == p.steps * 32 * 64
+    for c in (1e11, 1e12):  # three distinct sizes per budget, in increasing order
+        sizes = [p.n_params for p in points if p.budget == c]
+        assert sizes == sorted(set(sizes)) and len(sizes) == 3
+    isoflop.write_experiments(points, tmp_path / "conf", 512, 64, 32, 2e-3)
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"experiment={points[-1].name}"], tiny=False)
+    assert cfg.model.d_model == points[-1].d_model and cfg.trainer.max_steps == points[-1].steps
+    assert "experiment=" + ",".join(p.name for p in points) in isoflop.multirun_command(points, tmp_path, [])
+    # finished runs are read back and plotted with a law's IsoFLOP curves and optima
+    truth = laws.BESIROGLU_2024
+    for p in points[:4]:
+        run = tmp_path / "runs" / p.name
+        run.mkdir(parents=True)
+        (run / "final_metrics.json").write_text(json.dumps(
+            {"parameters": p.n_params, "tokens_seen": p.tokens, "val_loss_nats": truth.loss(p.n_params, p.tokens)}))
+    rows = isoflop.collect(points, tmp_path)
+    assert [r["name"] for r in rows] == [p.name for p in points[:4]]
+    isoflop.plot_isoflops(rows, truth, tmp_path / "isoflop.png")
+    assert (tmp_path / "isoflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -134,9 +134,28 @@ DEFAULT_LAW = BESIROGLU_2024.name
 
 
 def get_law(name: str) -> ParametricLaw | TokensPerParamRule:
+    """A law by name, or one fitted by ``recipes/isoflop.py`` from the path of its ``fit.json``."""
+    if name.endswith(".json"):
+        return load_fitted_law(name)
     if name not in LAWS:
-        raise ValueError(f"unknown scaling law {name!r}; pick one of: {', '.join(LAWS)}.")
+        raise ValueError(f"unknown scaling law {name!r}; pick one of: {', '.join(LAWS)}, or the path of a fit.json "
+                         "written by recipes/isoflop.py.")
     return LAWS[name]
+
+
+def load_fitted_law(path: str) -> ParametricLaw:
+    import json
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise ValueError(f"no fitted law at {path}; run `python3 -m recipes.isoflop` first or pick a named law.")
+    try:
+        c = json.loads(f.read_text())["law"]
+        return ParametricLaw(f.stem, E=float(c["E"]), A=float(c["A"]), B=float(c["B"]), alpha=float(c["alpha"]),
+                             beta=float(c["beta"]), source=f"fitted by recipes/isoflop.py ({path})")
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a fit.json from recipes/isoflop.py (it needs law.E, A, B, alpha, beta).") from None
 
 
 def pf_days_to_flops(pf_days: float) -> float:
