@@ -8,8 +8,11 @@ instead of the ``6 N D`` rule of thumb. The counter sees matrix multiplies only 
 scores and values, the LM head, and their gradients); elementwise work (norms, softmax, SiLU, rotary,
 the loss) is not counted, which is the convention MFU uses (PaLM, Chowdhery et al. 2022, Appendix B).
 Causal attention is counted over the full T x T score matrix, as FlopCounterMode does for every SDPA
-kernel. Recomputation by activation checkpointing is not counted (the meta copy does not checkpoint),
-so the ratio is *model* FLOPs utilization, not hardware FLOPs utilization.
+kernel. On meta tensors attention runs as plain matmuls, so recomputation is not counted: neither activation
+checkpointing (the meta copy does not checkpoint) nor the flash-attention backward's recomputation of Q K^T
+(FlopCounterMode around a real H100 step counts 0.5 x the forward attention FLOPs more: +2.4% for a
+GPT-2-small shape at T = 1024). The ratio is therefore *model* FLOPs utilization, not hardware FLOPs
+utilization.
 
     MFU = F_step / (t_step * P * N)
 
