@@ -163,3 +163,28 @@ def test_model_position_settings_are_checked():
         EncoderDecoder(ModelConfig.from_name("t5-tiny", vocab_size=V, position="rope"))
     with pytest.raises(ValueError, match="position=rope"):
         Encoder(ModelConfig.from_name("bert-tiny", vocab_size=V, position="relative_bias"))
+
+
+def test_objective_losses_equal_cross_entropy_on_the_right_positions():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    mlm = MaskedLM(**_kwargs(ModelConfig.from_name("bert-tiny", vocab_size=V)))
+    windows = torch.randint(105, V, (4, 32))
+    windows[:, ::9] = 2  # <eos> is never selected
+    batch = mlm.collator()(windows, generator=torch.Generator().manual_seed(1))
+    selected = batch["labels"] != -100
+    loss, count = mlm.compute_loss(batch)
+    full = mlm.model(batch["input_ids"])  # (B, T, V)
+    torch.testing.assert_close(mlm.model(batch["input_ids"], predict_mask=selected), full[selected])
+    assert int(count) == int(selected.sum()) > 0
+    torch.testing.assert_close(loss, F.cross_entropy(full[selected], windows[selected]))
+
+    t5 = SpanCorruption(**_kwargs(ModelConfig.from_name("t5-tiny", vocab_size=V)))
+    assert t5.window_length(64, t5.objective_config) == 70
+    batch = t5.collator()(torch.randint(105, V, (4, 70)))
+    assert batch["input_ids"].shape == (4, 64) and batch["labels"].shape == (4, 14)
+    loss, count = t5.compute_loss(batch)
+    logits = t5.model(batch["input_ids"], batch["decoder_input_ids"])
+    assert int(count) == 4 * 14 and t5.batch_tokens(batch) == 4 * 64
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)))

@@ -63,6 +63,14 @@ class Encoder(nn.Module):
             x = block(x, rope=rope, is_causal=False, attn_bias=keep)
         return self.norm_final(x)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T) -> logits (B, T, padded_vocab)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                predict_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) -> logits (B, T, padded_vocab).
+
+        With ``predict_mask`` (B, T) bool, only the N selected positions go through the LM head and the
+        logits are (N, padded_vocab), in row-major order: masked LM needs ~15% of them. The selection
+        happens inside ``forward`` so that FSDP's and DDP's forward hooks wrap the whole computation."""
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        if predict_mask is not None:
+            hidden = hidden[predict_mask]  # (N, d)
+        return self.lm_head(hidden)

@@ -39,9 +39,8 @@ class MaskedLM(PretrainModule):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]  # (B, T), IGNORE_INDEX where not selected
-        hidden = self.model.hidden_states(batch["input_ids"], batch.get("attention_mask"))  # (B, T, d)
         selected = labels != IGNORE_INDEX
-        logits = self.model.lm_head(hidden[selected])  # (N, V) for the N selected positions
+        logits = self.model(batch["input_ids"], batch.get("attention_mask"), predict_mask=selected)  # (N, V)
         count = selected.sum()
         loss = F.cross_entropy(logits.float(), labels[selected], reduction="sum") / count.clamp_min(1)
         return loss, count
