@@ -161,13 +161,19 @@ def test_callback_logs_mfu_for_known_step_time_and_peak(tmp_path):
     assert monitor.state_dict()["cumulative_flops"] == steps * flops
 
 
-def test_no_mfu_without_a_known_peak(tmp_path):
+def test_peak_lookup_and_no_invented_peak():
     from framework.callbacks.throughput import resolve_peak_flops
 
     assert resolve_peak_flops(None, "32-true")[0] is None  # CPU: no invented peak
     assert resolve_peak_flops(None, "32-true", override=5e12)[0] == 5e12
-    torch.set_float32_matmul_precision("highest")
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert resolve_peak_flops("H100", "32-true")[0] == 66.9e12
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on tensor cores: the TF32 peak bounds them
+        assert resolve_peak_flops("H100", "32-true")[0] == 494.7e12
+    finally:
+        torch.set_float32_matmul_precision(previous)
     assert resolve_peak_flops("A100", "bf16-mixed")[0] == 312e12
-    assert resolve_peak_flops("H100", "32-true")[0] == 66.9e12
     assert math.isclose(resolve_peak_flops("V100", "16-mixed")[0], 125e12)
     assert resolve_peak_flops("V100", "bf16-mixed")[0] is None  # V100 has no bf16: not reported
