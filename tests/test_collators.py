@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -240,3 +242,13 @@ def test_span_corruption_refuses_more_spans_than_sentinels():
     raw_length, _ = random_spans_helper(4096)  # ~ 151 noise spans > 100 sentinels
     with pytest.raises(ValueError, match="sentinel"):
         SpanCorruptionCollator(tokens_length=raw_length, sentinels=SENTINELS, eos_id=EOS, decoder_start_id=PAD)
+
+
+def test_collators_pickle_for_dataloader_workers():
+    windows = synthetic_windows(4, 141)
+    for collate in (MLMCollator(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS),
+                    SpanCorruptionCollator(tokens_length=141, sentinels=SENTINELS, eos_id=EOS, decoder_start_id=PAD)):
+        clone = pickle.loads(pickle.dumps(collate))
+        a = collate(windows, generator=torch.Generator().manual_seed(0))
+        b = clone(windows, generator=torch.Generator().manual_seed(0))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
