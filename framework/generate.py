@@ -156,7 +156,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
 
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass a single-file Lightning checkpoint (.ckpt).")
+        raise ValueError(f"{path} is a sharded checkpoint directory (FSDP2 / DeepSpeed); consolidate it into one "
+                         f"file first: fw-consolidate {path} full.ckpt")
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a .ckpt from <run_dir>/checkpoints/.")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
