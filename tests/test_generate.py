@@ -197,3 +197,33 @@ def test_generate_command_from_a_checkpoint(tmp_path, small_tokenizer, capsys):
     sampled = main([str(ckpt_dir / "last.ckpt"), "--prompt", "Return the", *knobs])
     again = main([str(ckpt_dir / "last.ckpt"), "--prompt", "Return the", *knobs])
     assert sampled == again and sampled[0].startswith("Return the")
+
+
+@pytest.mark.parametrize("preset,prompt", [("t5-tiny", "Return the <extra_id_0> of x."),
+                                           ("bert-tiny", "Return the <mask> of x.")])
+def test_generate_command_for_encoder_decoder_and_encoder_checkpoints(tmp_path, small_tokenizer, preset, prompt):
+    from framework.data.tokenizer import load_tokenizer, special_ids
+    from framework.generate import fill_mask, generate_seq2seq
+    from framework.objectives.base import module_kwargs
+    from framework.objectives.config import ObjectiveConfig, OptimConfig
+
+    tok = load_tokenizer(small_tokenizer)
+    special = special_ids(tok)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name(preset, vocab_size=tok.get_vocab_size())
+    model = build_model(cfg).eval()
+    hp = module_kwargs(cfg, OptimConfig(), ObjectiveConfig(), special, 10, 64)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    (out,) = main([str(ckpt), "--prompt", prompt, "--max-new-tokens", "6", "--greedy", "--tokenizer",
+                   str(small_tokenizer)])
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
+    if cfg.family == "encoder_decoder":
+        assert special.sentinels[0] in ids[0].tolist()  # the sentinel in the prompt is one token
+        expected = generate_seq2seq(model, torch.cat([ids, torch.tensor([[special.eos]])], 1), 6, greedy=True,
+                                    eos_id=special.eos, start_id=special.pad)
+        assert out == tok.decode(expected[0, 1:].tolist(), skip_special_tokens=False).replace("<pad>", "")
+    else:
+        assert special.mask in ids[0].tolist()
+        assert out == tok.decode(fill_mask(model, ids, special.mask)[0].tolist(), skip_special_tokens=True)
+        assert "<mask>" not in out
