@@ -26,12 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STRATEGIES = ["ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "deepspeed_zero1", "deepspeed_zero2",
+STRATEGIES = ["auto", "ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "deepspeed_zero1", "deepspeed_zero2",
               "deepspeed_zero3", "deepspeed_zero2_offload", "deepspeed_zero3_offload"]
 PRECISIONS = ["fp32", "fp16", "bf16", "bf16_true"]
 PER_BLOCK = [("ddp", "bf16", ["strategy.compile=true"]), ("fsdp", "bf16", ["strategy.activation_checkpointing=true"]),
              ("fsdp", "bf16", ["strategy.compile=true"]),
-             ("deepspeed_zero2", "bf16", ["strategy.activation_checkpointing=true"])]
+             ("deepspeed_zero2", "bf16", ["strategy.activation_checkpointing=true"]),
+             ("deepspeed_zero3", "bf16", ["strategy.activation_checkpointing=true"])]
 
 
 def overrides(args, strategy: str, precision: str, extra: list[str]) -> list[str]:
@@ -132,8 +133,14 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(REPO / "bench" / ".cache" / "data"))
     parser.add_argument("--timeout", type=int, default=300, help="seconds per pair")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
+    parser.add_argument("--jsonl", help="append each pair's result to this file as it finishes")
+    parser.add_argument("--table-from", nargs="+", metavar="JSONL", help="print the table of earlier --jsonl files")
     parser.add_argument("--one", nargs=3, metavar=("STRATEGY", "PRECISION", "EXTRA_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table_from:
+        rows = [json.loads(line) for path in args.table_from for line in Path(path).read_text().splitlines() if line]
+        print(table([(r["strategy"], r["precision"], r["options"], r["result"]) for r in rows]))
+        return
 
     import torch
 
@@ -167,6 +174,10 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             result = {"error": f"timed out after {args.timeout} s"}
         rows.append((strategy, precision, " ".join(extra) or "-", result))
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps({"strategy": strategy, "precision": precision, "options": rows[-1][2],
+                                    "result": result, "seconds": round(time.time() - start, 1)}) + "\n")
         print(f"{strategy:>24} {precision:>9} {' '.join(extra) or '-':>40}  {time.time() - start:5.0f} s  "
               f"{json.dumps(result)[:160]}", file=sys.stderr, flush=True)
 

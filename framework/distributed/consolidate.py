@@ -36,12 +36,13 @@ def checkpoint_kind(path: str | Path) -> str:
     path = Path(path)
     if path.is_file():
         return "file"
-    if (path / ".metadata").is_file():
+    if (path / ".metadata").is_file() and (path / LIGHTNING_META).is_file():  # Lightning writes meta.pt last
         return "dcp"
     if (path / "latest").is_file():
         return "deepspeed"
     raise ValueError(f"{path} is neither a checkpoint file nor a complete sharded checkpoint directory "
-                     "(no .metadata or latest file inside); pass a step*.ckpt or last.ckpt written by the run.")
+                     f"(no .metadata + {LIGHTNING_META}, or latest, inside); pass a step*.ckpt or last.ckpt written "
+                     "by the run.")
 
 
 # ---------------------------------------------------------------------------------------------- FSDP (DCP)
@@ -69,8 +70,7 @@ def consolidate_dcp(path: str | Path) -> dict[str, Any]:
     sharded: dict[str, Any] = {}
     # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, kept in memory
     _load_state_dict(sharded, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    checkpoint = torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True) \
-        if (path / LIGHTNING_META).is_file() else {}
+    checkpoint = torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True)
     checkpoint["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in sharded["state_dict"].items()}
     optimizers = sorted((k for k in sharded if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     checkpoint["optimizer_states"] = [_named_to_indexed(sharded[k]) for k in optimizers]
