@@ -26,9 +26,9 @@ def _counted(model, inputs: tuple) -> tuple[int, int]:
 
 CASES = [
     ("decoder", dict(d_model=64, n_layers=2, n_heads=4), 2, 32, None),
-    ("decoder", dict(d_model=96, n_layers=3, n_heads=6, n_kv_heads=2, tie_embeddings=False, d_ff=160), 3, 24, None),
+    ("decoder", dict(d_model=96, n_layers=1, n_heads=6, n_kv_heads=2, tie_embeddings=False, d_ff=160), 3, 24, None),
     ("encoder", dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1), 2, 40, None),
-    ("encoder_decoder", dict(d_model=64, n_layers=2, n_decoder_layers=3, n_heads=4, head_dim=32, d_ff=128,
+    ("encoder_decoder", dict(d_model=64, n_layers=1, n_decoder_layers=2, n_heads=4, head_dim=32, d_ff=128,
                              position="relative_bias", tie_embeddings=False), 2, 40, 12),
 ]
 

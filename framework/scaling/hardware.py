@@ -34,7 +34,7 @@ _ALIASES = {"V100-SXM2": "V100", "A100-SXM4-80GB": "A100", "A100-80GB": "A100", 
 
 # Lightning precision mode -> the dtype whose peak bounds the matrix multiplies
 PRECISION_DTYPE = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp16", "16-true": "fp16", "bf16-mixed": "bf16",
-                   "bf16-true": "bf16"}
+                   "bf16-true": "bf16", "bf16_true": "bf16"}  # Lightning modes, and conf/precision's bf16_true
 
 
 def get_accelerator(name: str) -> Accelerator:

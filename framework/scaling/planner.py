@@ -25,7 +25,7 @@ from typing import Any
 from framework.models.config import PRESETS, ModelConfig
 from framework.scaling import flops as flops_mod
 from framework.scaling import laws
-from framework.scaling.hardware import get_accelerator, peak_flops
+from framework.scaling.hardware import PRECISION_DTYPE, get_accelerator, peak_flops
 from framework.scaling.memory import (GB, PRECISION_MODES, PRECISION_STATE_BYTES, STRATEGIES, STRATEGY_SPECS,
                                       MemoryEstimate, estimate_memory)
 
@@ -82,7 +82,7 @@ def make_budget(*, flops: Any = None, pf_days: Any = None, gpu_hours: Any = None
 
 
 def _dtype(precision: str) -> str:
-    return {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "bf16_true": "bf16"}.get(precision, precision)
+    return PRECISION_DTYPE.get(precision, precision)  # conf/precision names fp32, fp16, bf16 are dtypes already
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -290,11 +290,16 @@ def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_b
                     target_len: int | None, capacity: float, strategies: list[str]) -> tuple[MemoryEstimate, list[str]]:
     """The first strategy (in order of cost, ``memory.STRATEGIES``) and largest power-of-two micro-batch
     dividing ``per_gpu_batch`` that fit; activation checkpointing only when nothing fits without it."""
-    tried = []
+    tried: list[str] = []
+    refused: list[str] = []
     checkpoint_options = [False, True] if _supports_checkpointing() else [False]
     for ckpt in checkpoint_options:
         for spec in STRATEGIES:
-            if spec.name not in strategies or refusal(spec.name, req.precision, req.gpu, req.conf_dir):
+            if spec.name not in strategies:
+                continue
+            why = refusal(spec.name, req.precision, req.gpu, req.conf_dir)
+            if why:
+                refused.append(why)
                 continue
             if (req.n_gpus == 1) != (spec.name == "auto") and not spec.offload:
                 continue  # one GPU: auto (or offload); several: a distributed strategy
@@ -309,6 +314,8 @@ def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_b
                         return est, tried
                 micro //= 2
             tried.append(spec.name + (" + activation checkpointing" if ckpt else ""))
+    if not tried and refused:
+        raise ValueError(refused[0])
     raise ValueError(
         f"no strategy fits a {n_params / 1e9:.2f}B-parameter model on {req.n_gpus} x {capacity / GB:.0f} GB GPUs "
         f"(tried {', '.join(tried) or 'none'}; strategies available in conf/strategy: {', '.join(strategies)}); "
@@ -329,6 +336,7 @@ def make_plan(req: PlanRequest) -> Plan:
         raise ValueError(f"--gpus {req.n_gpus} is not a whole number of nodes of {req.gpus_per_node} GPUs; "
                          "make it a multiple of --gpus-per-node.")
     acc = get_accelerator(req.gpu)
+    peak = peak_flops(req.gpu, _dtype(req.precision))  # also refuses a precision the GPU lacks (bf16 on V100)
     capacity = (req.gpu_memory_gb or acc.memory_gb) * GB
     family = OBJECTIVE_FAMILY[req.objective]
     notes: list[str] = []
@@ -380,7 +388,6 @@ def make_plan(req: PlanRequest) -> Plan:
     head_rows = None if head_rows_per_seq is None else head_rows_per_seq * global_batch
     flops_step = flops_mod.forward_flops(cfg, global_batch, seq_len, target_len, head_rows)
     flops_exact = float(flops_step.training) * steps
-    peak = peak_flops(req.gpu, _dtype(req.precision))
     wall_s = flops_exact / (req.n_gpus * peak * req.mfu)
     flops_6nd = laws.FLOPS_PER_PARAM_TOKEN * n_params * tokens
     if abs(flops_exact / flops_6nd - 1) > 0.1:
