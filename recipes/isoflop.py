@@ -91,7 +91,7 @@ def make_points(budgets: list[float], sizes_per_budget: int, vocab_size: int, se
 
 
 def write_experiments(points: list[Point], conf_root: Path, vocab_size: int, seq_len: int, micro_batch: int,
-                      lr: float) -> None:
+                      lr: float, torch_threads: int = 1) -> None:
     """One ``experiment/<name>.yaml`` per point: everything the run needs, so each can be rerun alone."""
     (conf_root / "experiment").mkdir(parents=True, exist_ok=True)
     for p in points:
@@ -107,6 +107,7 @@ def write_experiments(points: list[Point], conf_root: Path, vocab_size: int, seq
             "trainer": {"max_steps": p.steps, "val_check_interval": 10**9, "enable_progress_bar": False},
             "optim": {"lr": lr, "warmup_steps": max(1, p.steps // 10)},
             "callbacks": {"checkpoint_every_n_steps": 10**9, "model_card": False},
+            "torch_threads": torch_threads,  # tiny models gain nothing from intra-op threads; 1 avoids oversubscription
         }
         text = (f"# @package _global_\n# IsoFLOP point: C = {p.budget:.3g} FLOPs (6ND), N = {p.n_params:,}, "
                 f"D = {p.tokens:,} tokens\n") + OmegaConf.to_yaml(OmegaConf.create(exp))
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per run (0 = torch's default)")
     p.add_argument("--out", default="runs/isoflop", help="folder for the experiment files, runs, fit and plot")
     p.add_argument("--fit-only", action="store_true", help="do not train; fit and plot the runs already in --out")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {pt.name}: C={pt.budget:.3g} N={pt.n_params:,} (d={pt.d_model}, L={pt.n_layers}) steps={pt.steps} "
               f"D={pt.tokens:,} tokens, exact FLOPs {pt.exact_flops:.3g}")
     if not args.fit_only:
-        write_experiments(points, out / "conf", args.vocab_size, args.seq_len, args.micro_batch, args.lr)
+        write_experiments(points, out / "conf", args.vocab_size, args.seq_len, args.micro_batch, args.lr,
+                          args.torch_threads)
         todo = [pt for pt in points if not (out / "runs" / pt.name / "final_metrics.json").exists()]
         if todo:
             cmd = multirun_command(todo, out, ["trainer.accelerator=cpu", *args.overrides])

@@ -139,3 +139,18 @@ def test_module_entry_point(tmp_path):
     assert "N_opt = G (C/6)^a" in proc.stdout and "t5_plan" in proc.stdout
     text = (tmp_path / "experiment" / "t5_plan.yaml").read_text()
     assert text.startswith("# @package _global_") and "override /objective: span_corruption" in text
+
+
+@pytest.mark.parametrize("objective", ["mlm", "span_corruption"])
+def test_plans_for_other_objectives_compose_and_validate(objective, tmp_path, compose):
+    from framework.config import resolve_model, to_run_config
+
+    assert plan_cli.main(["--pf-days", "1", "--objective", objective, "--gpus", "16", "--seq-len", "512",
+                          "--name", f"p_{objective}", "--conf-dir", str(tmp_path)]) == 0
+    planned = json.loads((tmp_path / "experiment" / f"p_{objective}.plan.json").read_text())
+    cfg = to_run_config(compose([f"hydra.searchpath=[file://{tmp_path}]", f"experiment=p_{objective}"], tiny=False))
+    assert cfg.objective.name == objective and cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
+    model = resolve_model(cfg.model).replace(vocab_size=cfg.data.vocab_size)
+    assert model.family == planner.OBJECTIVE_FAMILY[objective]
+    assert model.num_parameters() == planned["n_params"]
+    assert cfg.precision.mode == "bf16-mixed" and cfg.strategy.name in ("ddp", "fsdp", "deepspeed")
