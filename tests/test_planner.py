@@ -63,6 +63,18 @@ def test_plan_under_the_twenty_tokens_rule_follows_chinchilla_table_3():
         assert p.flops_6nd == pytest.approx(c, rel=0.01)  # whole steps: at most one step over the budget
 
 
+@pytest.mark.parametrize("law", [laws.HOFFMANN_2022, laws.BESIROGLU_2024], ids=lambda l: l.name)
+def test_plan_uses_the_closed_form_allocation(law):
+    for c in (1e19, 1e22):
+        p = make_plan(PlanRequest(budget=make_budget(flops=c), law=law.name, n_gpus=64))
+        g = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+        a, b = law.beta / (law.alpha + law.beta), law.alpha / (law.alpha + law.beta)
+        assert p.n_opt == pytest.approx(g * (c / 6) ** a, rel=1e-12)
+        assert p.d_opt == pytest.approx((c / 6) ** b / g, rel=1e-12)
+        assert p.predicted_loss_at_opt == pytest.approx(law.E + law.A / p.n_opt**law.alpha + law.B / p.d_opt**law.beta)
+        assert any("N_opt = G (C/6)^a" in eq for eq in p.equations)
+
+
 def test_strategy_is_the_cheapest_that_fits_and_time_is_consistent():
     req = PlanRequest(budget=make_budget(gpu_hours=20000, gpu="A100-40GB", mfu=0.45, precision="bf16"),
                       gpu="A100-40GB", n_gpus=16, gpus_per_node=8, mfu=0.45, precision="bf16", seq_len=2048)
