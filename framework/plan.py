@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from framework.scaling import laws
 from framework.scaling.memory import PRECISION_MODES, STRATEGY_SPECS
-from framework.scaling.planner import (REPO_CONF, Plan, PlanRequest, available_options, make_budget, make_plan,
+from framework.scaling.planner import (REPO_CONF, Plan, PlanRequest, make_budget, make_plan,
                                        positive_number)
 
 MODEL_FIELDS = ("family", "d_model", "n_layers", "n_decoder_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -211,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.precision not in PRECISION_MODES:
             raise ValueError(f"--precision {args.precision!r} is not one of {', '.join(PRECISION_MODES)}.")
-        if args.precision not in available_options(REPO_CONF, "precision"):
-            raise ValueError(f"--precision {args.precision!r} has no conf/precision/{args.precision}.yaml yet.")
         budget = make_budget(flops=args.flops, pf_days=args.pf_days, gpu_hours=args.gpu_hours, gpu=args.gpu,
                              mfu=args.mfu, precision=args.precision)
         mfu = positive_number(args.mfu, "--mfu", "0.4")

@@ -328,6 +328,9 @@ def make_plan(req: PlanRequest) -> Plan:
         raise ValueError(f"unknown objective {req.objective!r}; pick one of: {', '.join(OBJECTIVE_FAMILY)}.")
     if req.precision not in PRECISION_STATE_BYTES:
         raise ValueError(f"unknown precision {req.precision!r}; pick one of: {', '.join(PRECISION_STATE_BYTES)}.")
+    for group, option in (("objective", req.objective), ("precision", req.precision)):
+        if option not in available_options(req.conf_dir, group):
+            raise ValueError(f"{group}={option} has no conf/{group}/{option}.yaml, so the experiment could not use it.")
     for name, v in (("--gpus", req.n_gpus), ("--gpus-per-node", req.gpus_per_node), ("--seq-len", req.seq_len),
                     ("--vocab-size", req.vocab_size)):
         if int(v) < 1:
