@@ -99,6 +99,8 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        if isinstance(opt, list):  # DeepSpeed's ZeRO optimizers are not torch Optimizers: Lightning returns a list
+            opt = opt[0] if opt else None
         if opt is not None:
             self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
