@@ -5,7 +5,8 @@
     python3 bench/strategy_precision.py --per-block          # + fsdp/ddp with activation checkpointing, compile
 
 Each pair trains the same model from the same seed on the same batches (the embedded stdlib corpus), in a
-fresh process (its own process group, CUDA memory counters and DeepSpeed state), so the final losses should
+fresh forked process (its own CUDA context, process group, memory counters and DeepSpeed state; the parent
+imports the libraries once and never touches CUDA, so forking is safe), so the final losses should
 agree to within the precision's rounding and any difference in speed or memory is the strategy's.
 A pair the framework refuses is listed with its one-sentence reason instead of numbers.
 tokens/s is measured over the steps after the first ``--warmup`` (CUDA synchronised); peak memory is
@@ -18,12 +19,12 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() without a CUDA context
 sys.path.insert(0, str(REPO))
 
 STRATEGIES = ["auto", "ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "deepspeed_zero1", "deepspeed_zero2",
@@ -106,6 +107,19 @@ def run_one(args, strategy: str, precision: str, extra: list[str]) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "params": module.model_config.num_parameters()}
 
 
+def _child(send, args, strategy: str, precision: str, extra: list[str]) -> None:
+    try:
+        result = run_one(args, strategy, precision, extra)
+    except BaseException as err:  # report, do not raise: the parent goes on with the next pair
+        import traceback
+
+        traceback.print_exc()
+        result = {"error": f"{type(err).__name__}: {err}"[:300]}
+    send.send(result)
+    send.close()
+    os._exit(0)  # skip atexit/teardown of a half-torn-down distributed state
+
+
 def table(rows: list[tuple[str, str, str, dict]]) -> str:
     lines = ["| strategy | precision | options | loss at end (nats) | tokens/s | peak memory (GiB) |",
              "|---|---|---|---:|---:|---:|"]
@@ -135,7 +149,6 @@ def main() -> None:
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     parser.add_argument("--jsonl", help="append each pair's result to this file as it finishes")
     parser.add_argument("--table-from", nargs="+", metavar="JSONL", help="print the table of earlier --jsonl files")
-    parser.add_argument("--one", nargs=3, metavar=("STRATEGY", "PRECISION", "EXTRA_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table_from:
         rows = [json.loads(line) for path in args.table_from for line in Path(path).read_text().splitlines() if line]
@@ -148,11 +161,9 @@ def main() -> None:
         sys.exit("bench/strategy_precision.py needs a CUDA GPU (it times Lightning's GPU strategies, and DeepSpeed "
                  "runs only on CUDA); run it on a GPU node. The CPU equivalents are tests/test_fsdp.py and "
                  "tests/test_deepspeed_cpu.py.")
-    if args.one:  # child mode: one pair, one JSON line
-        strategy, precision, extra = args.one[0], args.one[1], json.loads(args.one[2])
-        print("RESULT " + json.dumps(run_one(args, strategy, precision, extra)), flush=True)
-        return
+    import multiprocessing
 
+    import framework.train  # noqa: F401  (imported once here; every forked child reuses it)
     from framework.data.prepare import prepare_data
 
     prepare_data(compose(overrides(args, "ddp", "fp32", [])).data, progress=False)  # once, before the children
@@ -161,18 +172,21 @@ def main() -> None:
         pairs += PER_BLOCK
     rows = []
     for strategy, precision, extra in pairs:
-        cmd = [sys.executable, __file__, "--one", strategy, precision, json.dumps(extra), "--model", args.model,
-               "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--cache-dir", args.cache_dir]
         start = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            result = json.loads(found[-1][7:]) if found else {
-                "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-        except subprocess.TimeoutExpired:
-            result = {"error": f"timed out after {args.timeout} s"}
+        receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+        child = multiprocessing.get_context("fork").Process(target=_child, args=(send, args, strategy, precision, extra))
+        child.start()
+        send.close()
+        result = {"error": f"timed out after {args.timeout} s"}
+        if receive.poll(args.timeout):
+            try:
+                result = receive.recv()
+            except EOFError:
+                result = {"error": f"the run died (exit code {child.exitcode})"}
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
         rows.append((strategy, precision, " ".join(extra) or "-", result))
         if args.jsonl:
             with open(args.jsonl, "a") as f:
