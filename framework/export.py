@@ -180,12 +180,18 @@ def hf_tokenizer(tokenizer_path: str | Path, model_max_length: int):
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
     """Write a transformers directory for ``checkpoint`` to ``out_dir`` and return ``out_dir``.
 
-    ``tokenizer_path`` defaults to the tokenizer the run trained with (saved in the checkpoint's hparams);
-    pass it when the checkpoint moved to a machine without the run's data cache."""
+    ``tokenizer_path`` defaults to the tokenizer the run trained with (its path is in the checkpoint's
+    hparams; else ``<run_dir>/tokenizer.json`` beside ``<run_dir>/checkpoints/``); pass it when the
+    checkpoint moved to a machine without either."""
     from safetensors.torch import save_file
 
     config, special, state, hparams = load_checkpoint(checkpoint)
-    tokenizer_path = Path(tokenizer_path or hparams.get("tokenizer_path") or "")
+    if tokenizer_path is None:
+        # the path the run recorded, else the copy framework.train keeps in <run_dir>/tokenizer.json
+        candidates = [Path(p) for p in (hparams.get("tokenizer_path"), Path(checkpoint).resolve().parent.parent
+                                        / "tokenizer.json") if p]
+        tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0] if candidates else Path(""))
+    tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.is_file() and not (tokenizer_path / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"the run's tokenizer was not found at {str(tokenizer_path) or '(not recorded)'}; pass --tokenizer "

@@ -131,6 +131,12 @@ def test_export_errors_name_the_fix(tokenizer_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         export_checkpoint(ckpt, tmp_path / "out")
     assert export_checkpoint(ckpt, tmp_path / "out", tokenizer_path=path) == tmp_path / "out"
+    # a run directory keeps a copy of its tokenizer beside checkpoints/: found without the recorded path
+    run_ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run_ckpt.parent.mkdir(parents=True)
+    ckpt.rename(run_ckpt)
+    (tmp_path / "run" / "tokenizer.json").write_bytes(path.read_bytes())
+    assert export_checkpoint(run_ckpt, tmp_path / "out_run") == tmp_path / "out_run"
     with pytest.raises(ValueError, match="sharded checkpoint directory"):
         export_checkpoint(tmp_path, tmp_path / "out2")
     gqa_t5 = ModelConfig.from_name("t5-tiny", vocab_size=tok.get_vocab_size(), n_kv_heads=2)
