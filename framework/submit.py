@@ -58,7 +58,7 @@ def with_cluster(overrides: list[str]) -> list[str]:
 def _check(cfg: TrainConfig) -> None:
     c, t = cfg.cluster, cfg.trainer
     if c.name != "slurm":
-        raise ValueError(f"fw-submit needs cluster=slurm, got cluster={c.name}; drop the cluster override.")
+        raise ValueError(f"submitting needs cluster=slurm, got cluster={c.name}; drop the cluster override.")
     if str(t.devices) != str(c.devices_per_node):
         raise ValueError(f"trainer.devices={t.devices} differs from cluster.devices_per_node={c.devices_per_node}; "
                          "Lightning needs one SLURM task per device: set cluster.devices_per_node only.")

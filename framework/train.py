@@ -117,6 +117,7 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     train_loss = trainer.callback_metrics.get("train/loss")
     preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
     if preemption.preempted:  # checkpoint saved at a step boundary: requeue (SLURM) and skip the final evaluation
+        finish_wandb(trainer)  # before the requeue: SLURM terminates the job's tasks right after it
         requeued = preemption.requeue(trainer)
         return {"step": int(trainer.global_step), "preempted": True, "requeued": requeued}
 

@@ -77,6 +77,25 @@ def test_resume_picks_the_highest_step_not_the_newest_file(tmp_path):
     assert find_resume_checkpoint(tmp_path / "missing") is None
 
 
+def test_sharded_directories_count_once_complete_with_their_step_read_inside(tmp_path):
+    atomic_torch_save(_ckpt(10), tmp_path / "step0000010.ckpt")
+    dcp = tmp_path / "last.ckpt"  # FSDP via torch.distributed.checkpoint: shards, .metadata, then Lightning's meta.pt
+    dcp.mkdir()
+    (dcp / "__0_0.distcp").write_bytes(b"shard")
+    (dcp / ".metadata").write_bytes(b"metadata")
+    assert not is_complete(dcp) and find_resume_checkpoint(tmp_path) == tmp_path / "step0000010.ckpt"
+    torch.save({"global_step": 12, "loops": {}}, dcp / "meta.pt")
+    assert is_complete(dcp) and checkpoint_step(dcp) == 12
+    assert find_resume_checkpoint(tmp_path) == dcp
+
+    deepspeed = tmp_path / "last-zero.ckpt"  # DeepSpeed: <tag>/*_states.pt, then the "latest" tag file
+    (deepspeed / "checkpoint").mkdir(parents=True)
+    torch.save({"global_step": 14, "module": None}, deepspeed / "checkpoint" / "mp_rank_00_model_states.pt")
+    assert find_resume_checkpoint(tmp_path) == dcp  # no "latest" yet: still being written
+    (deepspeed / "latest").write_text("checkpoint")
+    assert checkpoint_step(deepspeed) == 14 and find_resume_checkpoint(tmp_path) == deepspeed
+
+
 _EXECUTED = []
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ class PreemptionCallback(L.Callback):
         if not job_id:
             rank_zero_info("preempted outside SLURM: checkpoint saved; rerun the same command to resume")
             return False
+        _flush_wandb()
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
         if result.returncode != 0:
             rank_zero_warn(f"`scontrol requeue {job_id}` failed ({result.stderr.strip()}); the checkpoint is "
@@ -107,3 +109,11 @@ class PreemptionCallback(L.Callback):
             return False
         rank_zero_info(f"requeued SLURM job {job_id}")
         return True
+
+
+def _flush_wandb() -> None:
+    """Shut wandb's service down so its run files are complete: right after ``scontrol requeue`` SLURM
+    terminates every process of the job, the service included."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        wandb.teardown()

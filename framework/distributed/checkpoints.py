@@ -13,7 +13,8 @@
   wandb run.
 
 Sharded checkpoints (FSDP/DeepSpeed directories) are written by their strategies, not by this plugin;
-discovery accepts such a directory only once its final metadata file exists.
+discovery accepts such a directory once the file its writer writes last exists, and reads its step from
+the small trainer-state file inside.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 STEP_PATTERN = re.compile(r"step(\d+)")
 TMP_SUFFIX = ".tmp"
-# Files a sharded checkpoint directory writes last: torch.distributed.checkpoint's ".metadata"
-# (FSDP sharded state) and DeepSpeed's "latest" tag file.
-SHARDED_COMPLETE_MARKERS = (".metadata", "latest")
+LIGHTNING_META = "meta.pt"  # what Lightning's ModelParallelStrategy writes last in a torch.distributed.checkpoint dir
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -105,13 +104,14 @@ def checkpoint_plugins(strategy_name: str) -> list:
 
 # ---------------------------------------------------------------------------------------------- discovery
 def is_complete(path: Path) -> bool:
-    """A checkpoint is complete when its zip central directory (written last by torch.save) is intact, or,
-    for a sharded checkpoint directory, when its final metadata file exists."""
+    """A checkpoint file is complete when its zip central directory (written last by torch.save) is intact; a
+    sharded directory when the file its writer writes last exists (FSDP/DCP: ``.metadata`` and Lightning's
+    ``meta.pt``; DeepSpeed: the ``latest`` tag file)."""
     path = Path(path)
     if path.name.endswith(TMP_SUFFIX):
         return False
     if path.is_dir():
-        return any((path / marker).is_file() for marker in SHARDED_COMPLETE_MARKERS)
+        return ((path / ".metadata").is_file() and (path / LIGHTNING_META).is_file()) or (path / "latest").is_file()
     try:
         with zipfile.ZipFile(path) as zf:
             return len(zf.namelist()) > 0
@@ -119,16 +119,27 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+def _sharded_step(directory: Path) -> int:
+    """The global step of a sharded checkpoint directory, from the small file that holds the trainer state."""
+    if (directory / LIGHTNING_META).is_file():
+        return int(safe_load(directory / LIGHTNING_META).get("global_step", -1))
+    tag = (directory / "latest").read_text().strip()  # DeepSpeed: <tag>/*model_states.pt hold the client state
+    states = sorted((directory / tag).glob("*model_states.pt"))
+    return int(safe_load(states[0], mmap=True).get("global_step", -1)) if states else -1
+
+
 def checkpoint_step(path: Path) -> int:
-    """The global step a checkpoint was saved at: from its name when it carries one, else read lazily."""
-    match = STEP_PATTERN.search(Path(path).name)
+    """The global step a checkpoint was saved at: from its name when it carries one, else read lazily
+    (-1 when it cannot be read without unpickling arbitrary objects)."""
+    path = Path(path)
+    match = STEP_PATTERN.search(path.name)
     if match:
         return int(match.group(1))
-    if Path(path).is_dir():
-        return -1
     try:
+        if path.is_dir():
+            return _sharded_step(path)
         return int(safe_load(path, mmap=True).get("global_step", -1))
-    except Exception:  # unreadable despite an intact zip directory: treat as unusable
+    except Exception:
         return -1
 
 
