@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -50,6 +51,20 @@ def _log(run_dir: Path) -> str:
 def _diagnosis(cluster, run_dir: Path, fields: dict) -> str:
     ctld = (cluster.directory / "slurmctld.log").read_text().splitlines()[-25:]
     return f"job {fields}\n--- job output\n{_log(run_dir)[-3000:]}\n--- slurmctld.log\n" + "\n".join(ctld)
+
+
+def _task_pid(job_id: str, rank: int) -> int:
+    """The pid of one training task of a job (the node is this machine)."""
+    wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if b"framework.train" in cmdline and wanted <= environ:
+            return int(pid)
+    raise LookupError(f"no rank-{rank} task of job {job_id} on this machine")
 
 
 def _steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -115,7 +130,9 @@ def test_usr1_checkpoints_requeues_and_finishes_with_every_step_once(job_env, da
         assert state in ("PENDING", "RUNNING"), f"job ended ({state}) before it could be preempted:\n{_log(sub.run_dir)[-3000:]}"
         assert time.monotonic() < deadline, "no step-10 checkpoint in time"
         time.sleep(0.1)
-    job_env.run("scancel", "--signal=USR1", sub.job_id)  # what SLURM sends signal_seconds before the time limit
+    # SLURM sends USR1 to every task signal_seconds before the limit, not all at the same instant; signal only
+    # rank 1 here: rank 0 must still stop at the same step (the ranks all-reduce the flag) and requeue the job
+    os.kill(_task_pid(sub.job_id, rank=1), signal.SIGUSR1)
 
     fields = job_env.wait_for(sub.job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
     log = _log(sub.run_dir)
