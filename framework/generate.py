@@ -90,11 +90,22 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     _check_length(model, input_ids.shape[1] + max_new_tokens)
     model.eval()
     cache = model.new_kv_cache() if use_cache else None
-    tokens = input_ids
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    step_input = input_ids
+
+    def next_logits(step_input: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return model(step_input, kv_cache=cache) if use_cache else model(tokens)
+
+    return _decode_loop(next_logits, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        greedy=greedy, generator=generator, eos_id=eos_id, pad_id=pad_id)
+
+
+def _decode_loop(next_logits, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float, top_k: int,
+                 top_p: float, greedy: bool, generator, eos_id: int | None, pad_id: int) -> torch.Tensor:
+    """Append up to ``max_new_tokens`` to ``tokens`` (B, T). ``next_logits(step_input, tokens)`` returns the
+    logits (B, t, V) of the newest tokens: ``step_input`` is what a KV-cached model still has to see."""
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    step_input = tokens
     for _ in range(max_new_tokens):
-        logits = model(step_input, kv_cache=cache) if use_cache else model(tokens)
+        logits = next_logits(step_input, tokens)
         nxt = sample_next(logits[:, -1], generator, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
@@ -117,22 +128,14 @@ def generate_seq2seq(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: 
     hidden = model.encode(input_ids, attention_mask=attention_mask)
     cache = model.new_kv_cache() if use_cache else None
     tokens = torch.full((input_ids.shape[0], 1), start_id, dtype=torch.long, device=input_ids.device)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    step_input = tokens
-    for _ in range(max_new_tokens):
+
+    def next_logits(step_input: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if use_cache:
-            logits = model.decode(step_input, hidden, attention_mask=attention_mask, kv_cache=cache)
-        else:
-            logits = model.decode(tokens, hidden, attention_mask=attention_mask)
-        nxt = sample_next(logits[:, -1], generator, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        step_input = nxt[:, None]
-        if eos_id is not None:
-            finished |= nxt == eos_id
-            if bool(finished.all()):
-                break
-    return tokens
+            return model.decode(step_input, hidden, attention_mask=attention_mask, kv_cache=cache)
+        return model.decode(tokens, hidden, attention_mask=attention_mask)
+
+    return _decode_loop(next_logits, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        greedy=greedy, generator=generator, eos_id=eos_id, pad_id=pad_id)
 
 
 @torch.no_grad()

@@ -228,3 +228,45 @@ def padding_keep_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     if attention_mask is None:
         return None
     return attention_mask.bool()[:, None, None, :]
+
+
+class RotaryStack(nn.Module):
+    """Embedding -> ``n_layers`` pre-norm rotary ``Block``s -> final RMSNorm -> LM head (optionally tied).
+
+    The decoder (causal) and the encoder (bidirectional) are this stack with different attention masks;
+    subclasses write ``forward``. Parameter names (``embed``, ``blocks.i.*``, ``norm_final``, ``lm_head``)
+    are what checkpoints and ``framework.export`` rely on.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.padded_vocab_size, c.d_model)
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.norm_eps, c.dropout) for _ in range(c.n_layers)
+        )
+        self.norm_final = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_cos_sin(c.max_seq_len, c.head_dim, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.config.init_std, self.config.n_layers)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.reset_parameters()
+        cos, sin = rope_cos_sin(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta,
+                                device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def _check_length(self, total: int) -> None:
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {total} tokens exceeds model.max_seq_len={self.config.max_seq_len}; "
+                "raise model.max_seq_len or lower data.seq_len."
+            )
