@@ -90,7 +90,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
         callbacks=[checkpointing, ResumeStateCallback(),
-                   PreemptionCallback(ckpt_dir / "last.ckpt", signals=tuple(cfg.cluster.requeue_signals))]
+                   PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals))]
         + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
            if cfg.callbacks.throughput else []),
         plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),

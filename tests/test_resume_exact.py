@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import TINY
+from framework.callbacks.preemption import PreemptionCallback
 from framework.config import to_run_config
 from framework.distributed.checkpoints import AtomicCheckpointIO, ResumeStateCallback, find_resume_checkpoint, safe_load
 from framework.train import run
@@ -88,6 +90,41 @@ def test_resumed_run_draws_the_same_random_numbers(tmp_path, resume_state):
         assert len(safe_load(ckpt)[ResumeStateCallback.RNG_KEY]) == 1  # one state per rank
     else:  # the control: without the saved RNG state the stream restarts from the seed
         assert not any(same)
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+class _SignalledAt(_Noisy):
+    """Sends itself SIGUSR1 in the middle of one training step (after its forward pass)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.signal_step = step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs right here, mid-step
+        return loss
+
+
+def test_preemption_signal_checkpoints_at_the_next_step_boundary_and_stops(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / "preempted-step0000002.ckpt").write_bytes(b"an older preemption checkpoint")
+    preemption = PreemptionCallback(tmp_path)
+    trainer = L.Trainer(max_steps=20, callbacks=[preemption, ResumeStateCallback()], plugins=[AtomicCheckpointIO()],
+                        logger=False, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    module = _SignalledAt(step=3)
+    handler_before = signal.getsignal(signal.SIGUSR1)
+    trainer.fit(module)
+    assert preemption.preempted and trainer.global_step == 4  # finished the interrupted step, then stopped
+    assert sorted(module.draws) == [0, 1, 2, 3]
+    saved = safe_load(tmp_path / "preempted-step0000004.ckpt")
+    assert saved["global_step"] == 4  # written after step 3's optimizer step, not inside the handler
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["preempted-step0000004.ckpt"]
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "preempted-step0000004.ckpt"
+    assert preemption.requeue(trainer) is False  # outside SLURM: nothing to requeue, rerun to resume
+    assert signal.getsignal(signal.SIGUSR1) == handler_before  # the flag handler is removed after fit
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL

@@ -4,8 +4,11 @@ SLURM warns a job before it is preempted or reaches its time limit (``#SBATCH --
 submitit uses USR2). A signal handler may run between any two bytecodes, e.g. in the middle of an
 optimizer step or of another checkpoint write, so the handler here only sets a flag. At the end of the
 next training batch that completed an optimizer step, the ranks agree on the flag (an all-reduce: the
-signal reaches ranks at slightly different times), every rank takes part in saving ``last.ckpt``
-through the normal (atomic) checkpoint path, and the trainer stops. After ``trainer.fit`` returns, the
+signal reaches ranks at slightly different times), every rank takes part in saving
+``preempted-step{step:07d}.ckpt`` through the strategy's checkpoint path (atomic for single files), and
+the trainer stops. The step in the name lets resume discovery rank it without opening it (sharded
+checkpoints cannot always be read without unpickling); older preemption checkpoints are removed once
+the new one is complete. After ``trainer.fit`` returns, the
 train entry calls ``requeue()``: rank 0 runs ``scontrol requeue $SLURM_JOB_ID``, SLURM puts the job back
 in the queue, and the requeued job resumes from the newest complete checkpoint in the same run directory.
 
@@ -52,9 +55,11 @@ def slurm_job_id() -> str | None:
 class PreemptionCallback(L.Callback):
     """On a preemption signal: checkpoint at the next optimizer-step boundary, stop, then requeue (SLURM)."""
 
-    def __init__(self, checkpoint_path: str | Path, signals: tuple[str | int, ...] = DEFAULT_SIGNALS,
+    FILENAME = "preempted-step{step:07d}.ckpt"
+
+    def __init__(self, checkpoint_dir: str | Path, signals: tuple[str | int, ...] = DEFAULT_SIGNALS,
                  requeue: bool = True) -> None:
-        self.checkpoint_path = Path(checkpoint_path)
+        self.checkpoint_dir = Path(checkpoint_dir)
         self.signals = tuple(parse_signal(s) for s in signals)
         self.requeue_enabled = requeue
         self.signal_received = False  # set by the handler, possibly on one rank only
@@ -87,8 +92,12 @@ class PreemptionCallback(L.Callback):
         # every rank reaches this point once per optimizer step, so the collective cannot deadlock
         if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
             return
-        rank_zero_info(f"preemption signal received: saving {self.checkpoint_path} at step {step} and stopping")
-        trainer.save_checkpoint(str(self.checkpoint_path))
+        path = self.checkpoint_dir / self.FILENAME.format(step=step)
+        rank_zero_info(f"preemption signal received: saving {path} at step {step} and stopping")
+        older = [p for p in self.checkpoint_dir.glob("preempted-step*.ckpt") if p != path]
+        trainer.save_checkpoint(str(path))  # returns once every rank's part is written
+        for previous in older:
+            trainer.strategy.remove_checkpoint(previous)  # rank 0 only
         self.preempted = True
         trainer.should_stop = True
 
