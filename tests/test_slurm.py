@@ -141,11 +141,12 @@ def test_usr1_checkpoints_requeues_and_finishes_with_every_step_once(job_env, da
     assert "preemption signal received" in log and f"requeued SLURM job {sub.job_id}" in log
     preempted_at = int(log.split("preemption signal received: saving")[1].split("at step ")[1].split()[0])
     assert 10 <= preempted_at < max_steps
-    assert "restart 1" in log and "resuming from" in log
+    assert "restart 1" in log and f"resuming from {ckpt_dir / f'preempted-step{preempted_at:07d}.ckpt'}" in log
 
     steps = [s for s, _ in _steps_and_losses(sub.run_dir)]
     assert steps == list(range(max_steps))  # every optimizer step exactly once: no gaps, no repeats
-    assert json.loads((sub.run_dir / "final_metrics.json").read_text())["step"] == max_steps
+    metrics = json.loads((sub.run_dir / "final_metrics.json").read_text())
+    assert metrics["step"] == max_steps and metrics["tokens_seen"] == max_steps * 2 * 8 * 64  # no step trained twice
 
     run_id = safe_load(find_resume_checkpoint(ckpt_dir))["wandb_run_id"]
     assert run_id == (sub.run_dir / "wandb_run_id.txt").read_text().strip()
