@@ -83,6 +83,9 @@ class PreemptionCallback(L.Callback):
         self._previous_handlers = {}
 
     # ------------------------------------------------------------------ step boundary
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step  # restored on resume; an optimizer step moves it
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
