@@ -7,6 +7,10 @@ corruption). Training order: epoch ``e`` visits every window once in the order o
 order, so ranks never read the same window within an epoch. The position in this stream (micro-batches
 consumed per rank) is saved in every checkpoint and restored on resume, so a resumed run continues with
 the next unseen batch. Epochs roll over without end; ``trainer.max_steps`` stops training.
+
+Objectives whose batches are random (masked LM, span corruption) get a ``torch.Generator`` per batch,
+seeded by (seed, rank, position in the stream): the same batch is corrupted the same way whether the
+run was interrupted or not, in whichever DataLoader worker it is collated, and differently each epoch.
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ class PackedWindows(Dataset):
     def __len__(self) -> int:
         return int(self.cumulative[-1])
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor | tuple[torch.Tensor, int]:
+        """``dataset[i]`` is window i; ``dataset[(i, position)]`` is (window i, position) for seeded collation."""
+        if isinstance(key, tuple):
+            return self._window(key[0]), key[1]
+        return self._window(key)
+
+    def _window(self, index: int) -> torch.Tensor:
         if self._arrays is None:
             self._arrays = [open_tokens(p, self.dtype) for p in self.shards]
         shard = int(np.searchsorted(self.cumulative, index, side="right") - 1)
@@ -44,21 +54,28 @@ class PackedWindows(Dataset):
 
 
 class ResumableRankSampler(Sampler[int]):
-    """Infinite, seeded, rank-sharded order over ``num_windows`` windows, starting at ``start`` (per rank)."""
+    """Infinite, seeded, rank-sharded order over ``num_windows`` windows, starting at ``start`` (per rank).
 
-    def __init__(self, num_windows: int, seed: int, rank: int, world_size: int, start: int = 0) -> None:
+    With ``with_position`` it yields ``(window_index, position)``, position counting this rank's samples."""
+
+    def __init__(self, num_windows: int, seed: int, rank: int, world_size: int, start: int = 0,
+                 with_position: bool = False) -> None:
         if num_windows < world_size:
             raise ValueError(f"{num_windows} training windows cannot be shared among {world_size} ranks; "
                              "use more data or a shorter data.seq_len.")
         self.num_windows, self.seed, self.rank, self.world_size, self.start = num_windows, seed, rank, world_size, start
         self.per_rank = num_windows // world_size  # each rank's share of one epoch (remainder dropped)
+        self.with_position = with_position
 
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.per_rank)
+        position = self.start
         while True:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_windows, generator=g)[self.rank :: self.world_size][: self.per_rank]
-            yield from order[offset:].tolist()
+            for index in order[offset:].tolist():
+                yield (index, position) if self.with_position else index
+                position += 1
             epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:  # Lightning treats the loader as unsized when this raises
@@ -93,7 +110,9 @@ class PretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = ResumableRankSampler(len(self._train), self.seed, rank, world, start=self.samples_consumed)
+        sampler = ResumableRankSampler(len(self._train), self.seed, rank, world, start=self.samples_consumed,
+                                       with_position=True)
+        self._rank = rank
         return DataLoader(self._train, batch_size=self.micro_batch_size, sampler=sampler, collate_fn=self._collate,
                           num_workers=self.num_workers, drop_last=True, persistent_workers=False)
 
@@ -101,26 +120,25 @@ class PretrainDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         n = min(self.val_windows, len(self._val))
         n -= n % world  # every rank evaluates the same number of windows, so the mean is unbiased
-        indices = list(range(rank, max(n, world), world))
+        indices = [(i, i) for i in range(rank, max(n, world), world)]  # (window, position = window index)
         subset = torch.utils.data.Subset(self._val, indices)
         return DataLoader(subset, batch_size=self.micro_batch_size, shuffle=False, collate_fn=self._val_collate,
                           num_workers=self.num_workers)
 
-    def _collate(self, windows: list[torch.Tensor]):
-        batch = torch.stack(windows)  # (B, window_length)
-        return self.collate_fn(batch) if self.collate_fn is not None else batch
+    def _batch_generator(self, stream: int, position: int) -> torch.Generator:
+        # distinct streams for training (0) and validation (1); a fixed validation corruption keeps val/loss
+        # comparable across evaluations
+        rank = getattr(self, "_rank", 0) if stream == 0 else 0
+        return torch.Generator().manual_seed(hash((self.seed, stream, rank, position)) & 0x7FFF_FFFF_FFFF_FFFF)
 
-    def _val_collate(self, windows: list[torch.Tensor]):
-        # validation batches are corrupted/masked with a fixed generator so val/loss is comparable over time
-        batch = torch.stack(windows)
+    def _collate(self, items: list[tuple[torch.Tensor, int]], stream: int = 0):
+        batch = torch.stack([window for window, _ in items])  # (B, window_length)
         if self.collate_fn is None:
             return batch
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed + int(batch[0, 0]))
-        try:
-            return self.collate_fn(batch)
-        finally:
-            torch.random.set_rng_state(state)
+        return self.collate_fn(batch, generator=self._batch_generator(stream, items[0][1]))
+
+    def _val_collate(self, items: list[tuple[torch.Tensor, int]]):
+        return self._collate(items, stream=1)
 
     # ------------------------------------------------------------------ resume
     def on_micro_batch_consumed(self) -> None:
