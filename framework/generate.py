@@ -163,7 +163,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
                          f"file first: fw-consolidate {path} full.ckpt")
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a .ckpt from <run_dir>/checkpoints/.")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)  # never runs pickled code
     hp = ckpt.get("hyper_parameters")
     if not hp or "model_config" not in hp:
         raise ValueError(f"{path} is not a checkpoint of this framework's training (no model_config hyperparameters).")

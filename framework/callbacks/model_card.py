@@ -188,7 +188,7 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     from framework.models import ModelConfig
 
     checkpoint = Path(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)  # weights stay on disk
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)  # weights stay on disk
     hp = ckpt["hyper_parameters"]
     flops = None
     for key, state in (ckpt.get("callbacks") or {}).items():
