@@ -19,4 +19,5 @@ else
   echo "[setup] installing framework ..."
   "${PIP[@]}" -e .
 fi
+command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true  # expose fw-* commands under pyenv
 "$PY" -c "import framework, torch, lightning; print(f'[setup] ok: torch {torch.__version__}, lightning {lightning.__version__}')"
