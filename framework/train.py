@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import shutil
 from pathlib import Path
 
@@ -100,15 +101,22 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     return trainer, module, datamodule, prepared
 
 
+class ConfigurationError(ValueError):
+    """A setting the user can fix; ``main`` prints it as one line instead of a traceback."""
+
+
 def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``)."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
-    if cfg.callbacks.icl_task:
-        load_task(cfg.callbacks.icl_task)  # a missing or malformed task fails now, not after training
-    trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=ckpt_path)
+    try:  # everything a user's settings can get wrong fails here, before any training step
+        ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
+        if cfg.callbacks.icl_task:
+            load_task(cfg.callbacks.icl_task)  # a missing or malformed task fails now, not after training
+        trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=ckpt_path)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise ConfigurationError(str(err).strip("'\"")) from err
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}")
     if trainer.is_global_zero:  # the run directory is self-contained for fw-generate and the ICL command
@@ -172,6 +180,18 @@ register_configs()
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    """Console entry. A configuration error is one line on stderr and exit code 2 (FRAMEWORK_TRACEBACK=1 shows
+    the traceback); anything else propagates with its traceback."""
+    try:
+        return _main(cfg)
+    except ConfigurationError as err:
+        if os.environ.get("FRAMEWORK_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(cfg: DictConfig) -> float:
     run_cfg = to_run_config(cfg)
     run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
     if _is_global_zero():

@@ -55,3 +55,16 @@ def test_model_overrides_apply_on_top_of_the_preset(compose):
     cfg = to_run_config(compose(["model=gpt2-small", "model.n_layers=3"], tiny=False))
     model = resolve_model(cfg.model)
     assert (model.d_model, model.n_layers, model.n_heads) == (768, 3, 12)
+
+
+def test_a_bad_setting_is_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "framework.train", "objective=mlm", "model=tiny",
+                           f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "pick a preset of family 'encoder'" in errors[0]

@@ -59,8 +59,8 @@ class PretrainModule(L.LightningModule):
         self.tokenizer_path = tokenizer_path  # the run's tokenizer.json (whole-word masking, export)
         if self.model_config.family != self.family:
             raise ValueError(
-                f"objective={self.objective_name} trains a {self.family!r} model, but the model preset "
-                f"{self.model_config.name!r} is a {self.model_config.family!r}; pick a {self.family} preset "
+                f"objective={self.objective_name} trains {self.family!r} models, but the model preset "
+                f"{self.model_config.name!r} is of family {self.model_config.family!r}; pick a preset of family {self.family!r} "
                 f"(see `model=` options in conf/model/)."
             )
         self.model = build_model(self.model_config)
