@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from framework.scaling import laws
-from framework.scaling.memory import PRECISION_MODES, STRATEGY_SPECS
+from framework.scaling.memory import PRECISION_MODES
 from framework.scaling.planner import (REPO_CONF, Plan, PlanRequest, make_budget, make_plan,
                                        positive_number)
 
@@ -63,7 +63,6 @@ def _presets() -> dict:
 
 
 def render_markdown(plan: Plan, name: str, run_command: str) -> str:
-    n_b, d_b = plan.n_params / 1e9, plan.tokens / 1e9
     m = plan.model
     shape = (f"{m['family']}: d_model {m['d_model']}, {m['n_layers']} layers"
              + (f" + {m['n_decoder_layers']} decoder layers" if m["family"] == "encoder_decoder" else "")

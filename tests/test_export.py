@@ -14,7 +14,7 @@ from framework.models import ModelConfig, build_model
 from framework.objectives.base import module_kwargs
 from framework.objectives.config import ObjectiveConfig, OptimConfig
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a dev dependency: missing it is a failure, not a skip
 
 
 @pytest.fixture(scope="module")

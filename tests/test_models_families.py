@@ -148,11 +148,11 @@ def test_objectives_refuse_a_model_of_another_family():
     decoder = ModelConfig.from_name("tiny", vocab_size=V)
     encoder = ModelConfig.from_name("bert-tiny", vocab_size=V)
     t5 = ModelConfig.from_name("t5-tiny", vocab_size=V)
-    with pytest.raises(ValueError, match="objective=mlm trains a 'encoder' model.*'tiny' is a 'decoder'"):
+    with pytest.raises(ValueError, match="objective=mlm trains 'encoder' models.*'tiny' is of family 'decoder'"):
         MaskedLM(**_kwargs(decoder))
-    with pytest.raises(ValueError, match="objective=span_corruption trains a 'encoder_decoder' model"):
+    with pytest.raises(ValueError, match="objective=span_corruption trains 'encoder_decoder' models"):
         SpanCorruption(**_kwargs(encoder))
-    with pytest.raises(ValueError, match="objective=clm trains a 'decoder' model"):
+    with pytest.raises(ValueError, match="objective=clm trains 'decoder' models"):
         CausalLM(**_kwargs(t5))
     assert isinstance(MaskedLM(**_kwargs(encoder)).model, Encoder)
     assert isinstance(SpanCorruption(**_kwargs(t5)).model, EncoderDecoder)

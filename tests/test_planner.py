@@ -19,7 +19,8 @@ from framework.objectives.config import ObjectiveConfig
 from framework.scaling import laws, planner
 from framework.scaling.hardware import peak_flops
 from framework.scaling.memory import STRATEGIES, estimate_memory
-from framework.scaling.planner import PlanRequest, ShapeFamily, make_budget, make_plan, search_shape
+from framework.scaling.planner import PlanRequest, make_budget, make_plan
+from framework.scaling.shapes import ShapeFamily, search_shape
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["decoder", "encoder", "encoder_decoder"]

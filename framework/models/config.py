@@ -7,7 +7,7 @@ Follows LitGPT's ``Config.from_name(name, **overrides)`` pattern: derived fields
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")

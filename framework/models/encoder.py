@@ -12,7 +12,6 @@ dense+norm transform before the LM head.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from framework.models.config import ModelConfig
 from framework.models.layers import RotaryStack, padding_keep_mask
