@@ -77,5 +77,5 @@ def test_objective_picks_a_model_of_its_family(compose):
 
 def test_mismatched_model_is_refused_with_the_fix(compose, tmp_path, restore_threads):
     cfg = to_run_config(compose(["objective=mlm", "model=tiny"]))
-    with pytest.raises(ValueError, match="pick a encoder preset"):
+    with pytest.raises(ValueError, match="pick a preset of family .encoder."):
         build_run(cfg, tmp_path)
