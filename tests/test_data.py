@@ -90,6 +90,28 @@ def test_local_files_jsonl_and_txt(tmp_path):
     assert prepared.meta["documents"]["train"] + prepared.meta["documents"]["val"] == 61
 
 
+def test_a_given_tokenizer_is_used_not_retrained(tiny_prepared, tmp_path):
+    """data.tokenizer_path: another corpus is tokenized with exactly the given tokenizer's ids."""
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"the module number {i} returns a list " * 5})
+                                                for i in range(40)))
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "a.jsonl")], tokenizer_path=str(tiny_prepared.tokenizer_path),
+                     cache_dir=str(tmp_path / "cache"), num_proc=1, val_fraction=0.2)
+    prepared = prepare_data(cfg, progress=False)
+    given = tiny_prepared.tokenizer()
+    assert prepared.meta["tokenizer_hash"] == tiny_prepared.meta["tokenizer_hash"]
+    assert prepared.tokenizer().get_vocab() == given.get_vocab()
+    first_doc = [d for d in iter_documents(cfg) if not is_validation(d[0], cfg.val_fraction)][0][1]
+    expected = given.encode(first_doc, add_special_tokens=False).ids
+    stream = open_tokens(prepared.shards("train")[0], prepared.dtype)
+    assert stream[: len(expected)].tolist() == expected
+    bad = tmp_path / "plain.json"
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.BPE()).save(str(bad))
+    with pytest.raises(ValueError, match="special tokens"):
+        prepare_data(DataConfig(source="files", paths=[str(tmp_path / "a.jsonl")], tokenizer_path=str(bad),
+                                cache_dir=str(tmp_path / "cache2"), num_proc=1, val_fraction=0.2), progress=False)
+
+
 def test_bad_data_settings_are_refused_with_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         list(iter_documents(DataConfig(source="files", paths=[str(tmp_path / "missing*.jsonl")])))

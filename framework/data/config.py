@@ -22,6 +22,9 @@ class DataConfig:
     val_fraction: float = 0.04  # held-out documents, chosen by a stable hash of the document id
     # tokenizer (byte-level BPE trained on the training split)
     vocab_size: int = 8192
+    # an existing tokenizer.json to use instead of training one (mixtures share one; continued pretraining
+    # must keep its checkpoint's); "" = train one on this source's training split
+    tokenizer_path: str = ""
     # preparation
     cache_dir: str = "data_cache"
     num_proc: int = 2

@@ -81,8 +81,15 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _tokenizer_identity(cfg: DataConfig) -> dict:
+    """The given tokenizer's content hash, or the settings a new one is trained with."""
+    if cfg.tokenizer_path:
+        return {"given": tk.tokenizer_hash(tk.load_tokenizer(cfg.tokenizer_path))}
+    return tk.tokenizer_settings(cfg.vocab_size)
+
+
 def data_key(cfg: DataConfig) -> str:
-    blob = json.dumps({"source": source_fingerprint(cfg), "tokenizer": tk.tokenizer_settings(cfg.vocab_size),
+    blob = json.dumps({"source": source_fingerprint(cfg), "tokenizer": _tokenizer_identity(cfg),
                        "format": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -111,9 +118,15 @@ def _train_texts(cfg: DataConfig, bar: tqdm | None) -> Iterator[str]:
 
 
 def _tokenizer(cfg: DataConfig, directory: Path, progress: bool):
-    settings = tk.tokenizer_settings(cfg.vocab_size)
     path = directory / tk.TOKENIZER_FILE
     settings_path = directory / "tokenizer_settings.json"
+    if cfg.tokenizer_path:  # a given tokenizer: copied beside the shards, so the prepared directory is self-contained
+        tok = tk.load_tokenizer(cfg.tokenizer_path)
+        tk.special_ids(tok)  # refuses a tokenizer without the framework's special tokens
+        tk.save_tokenizer(tok, directory, {"kind": "given", "source": str(cfg.tokenizer_path),
+                                           "hash": tk.tokenizer_hash(tok)})
+        return tok
+    settings = tk.tokenizer_settings(cfg.vocab_size)
     if path.exists() and settings_path.exists() and json.loads(settings_path.read_text()) == settings:
         return tk.load_tokenizer(path)  # same corpus (the directory key) and same settings: reuse
     t0 = time.time()
@@ -247,7 +260,7 @@ def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool) -
         "format": FORMAT_VERSION,
         "source": source_fingerprint(cfg),
         "tokenizer_hash": tk.tokenizer_hash(tok),
-        "tokenizer_settings": tk.tokenizer_settings(cfg.vocab_size),
+        "tokenizer_settings": _tokenizer_identity(cfg),
         "vocab_size": vocab,
         "special_ids": asdict(specials),
         "dtype": dtype.name,
