@@ -83,6 +83,9 @@ class TrainConfig:
     run_dir: str = ""  # "" = Hydra's output directory for this run
     seed: int = 1234
     resume: str = "auto"  # auto (newest complete checkpoint in run_dir, if any) | never | <path to a .ckpt>
+    # continued pretraining: a single-file framework checkpoint whose model weights initialise this run (step 0,
+    # a fresh optimizer and schedule, unlike resume); "" = random initialisation. See recipes/domain_adapt.py.
+    init_from: str = ""
     torch_threads: int = 0  # 0 = torch's default
 
 

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from framework.adapt import load_init_weights
 from framework.callbacks.model_card import run_card_info, write_model_card
 from framework.callbacks.preemption import PreemptionCallback
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
@@ -71,6 +72,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
                          "lower data.seq_len or raise model.max_seq_len.")
     module = objective_cls(**module_kwargs(model_config, cfg.optim, cfg.objective, prepared.special_ids(),
                                            cfg.trainer.max_steps, cfg.data.seq_len, prepared.tokenizer_path))
+    if cfg.init_from:  # continued pretraining: the model's weights, not the optimizer, schedule or step
+        load_init_weights(module.model, model_config, cfg.init_from)
     module.parallelizer = Parallelizer(cfg.strategy, cfg.precision.mode)  # applied in configure_model
     datamodule = PretrainDataModule(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),
                                     seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)

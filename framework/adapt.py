@@ -1,0 +1,183 @@
+"""Continued pretraining from a framework checkpoint: vocabulary transfer, ``init_from`` loading, per-split loss.
+
+- ``transfer_vocabulary``: a model for a new tokenizer from a model trained with an old one. Every other weight
+  is copied; each embedding row (and each row of an untied LM head) of the new vocabulary is the old row of the
+  same token when the old vocabulary has it verbatim, else the mean of the old rows of the pieces the OLD
+  tokenizer splits the token's text into: Fast Vocabulary Transfer (Gee et al. 2022, "Fast Vocabulary Transfer
+  for Language Model Compression", sec. 3). Works for the three families (``embed`` and ``lm_head`` are the
+  names all three use).
+- ``load_init_weights``: the model weights of a single-file checkpoint into a freshly built model (train.py's
+  ``init_from``), refusing a family, vocabulary or shape mismatch with one sentence each.
+- ``evaluate_split``: the token-weighted validation loss of a module over a prepared split, plus nats per byte
+  (comparable across tokenizers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from framework.data.datamodule import PretrainDataModule
+from framework.data.prepare import PreparedData, open_tokens
+from framework.data.tokenizer import SPECIAL_TOKENS, special_ids
+from framework.models import ModelConfig, build_model
+
+VOCAB_ROWS = ("embed.weight", "lm_head.weight")  # (padded_vocab, d_model) in every family
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def load_framework_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(hyper_parameters, the model's state dict without the ``model.`` prefix) of a single-file checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a sharded checkpoint directory (FSDP2 / DeepSpeed); consolidate it into one file "
+                         f"first: fw-consolidate {path} full.ckpt")
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; give a .ckpt file (<run_dir>/checkpoints/last.ckpt).")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    hp = ckpt.get("hyper_parameters")
+    if not hp or "model_config" not in hp:
+        raise ValueError(f"{path} is not a checkpoint of this framework's training (no model_config hyperparameters).")
+    state = {}
+    for name, tensor in ckpt["state_dict"].items():
+        name = name.replace("_orig_mod.", "")  # torch.compile's wrapper
+        if name.startswith("model."):
+            state[name[len("model."):]] = tensor
+    return dict(hp), state
+
+
+def load_init_weights(model: nn.Module, config: ModelConfig, path: str | Path) -> None:
+    """Copy the model weights of checkpoint ``path`` into ``model`` (built from ``config``); refuses mismatches."""
+    hp, state = load_framework_checkpoint(path)
+    saved = hp["model_config"]
+    if saved["family"] != config.family:
+        raise ValueError(f"init_from={path} holds a {saved['family']} model but this run trains a {config.family} "
+                         f"model; choose an objective and model preset of family {saved['family']!r}.")
+    if saved["vocab_size"] != config.vocab_size:
+        raise ValueError(
+            f"the checkpoint's vocabulary has {saved['vocab_size']} tokens, the data's tokenizer {config.vocab_size}: "
+            "use the checkpoint's tokenizer with data.tokenizer_path=<its run dir>/tokenizer.json, or run "
+            "recipes/domain_adapt.py to extend it.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        shape = {k: saved[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff") if k in saved}
+        raise ValueError(f"init_from={path} does not fit the configured model ({str(err).splitlines()[0]}); set "
+                         f"model=<preset> and model.* overrides to the checkpoint's shape {shape}.") from err
+
+
+# ----------------------------------------------------------------------------- vocabulary transfer
+def token_pieces(new_tok: Tokenizer, old_tok: Tokenizer) -> list[list[int]]:
+    """For each id of ``new_tok``: ``[old id]`` when the old vocabulary has the token verbatim, else the old ids
+    the old BPE model splits the token's byte-level text into (Gee et al. 2022, sec. 3.1's T_old(t))."""
+    old_vocab = old_tok.get_vocab()
+    pieces: list[list[int]] = []
+    for token_id in range(new_tok.get_vocab_size()):
+        token = new_tok.id_to_token(token_id)
+        if token in old_vocab:
+            pieces.append([old_vocab[token]])
+        else:  # byte-level text: every character is one byte, and every byte is in the old alphabet
+            pieces.append([old_vocab[t.value] for t in old_tok.model.tokenize(token)])
+    return pieces
+
+
+def transfer_vocabulary(state: dict[str, torch.Tensor], old_config: ModelConfig, new_config: ModelConfig,
+                        pieces: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The state dict of a ``new_config`` model (a new vocabulary, same shape otherwise) from an old one's.
+
+    Rows ``i < len(pieces)``: the mean of old rows ``pieces[i]`` (a single piece copies its row exactly).
+    Padding rows (``padded_vocab_size`` beyond the vocabulary, never produced by the tokenizer): the mean of the
+    old padding rows (trained to get low logits), or of all old rows when the old model had none."""
+    if len(pieces) != new_config.vocab_size:
+        raise ValueError(f"{len(pieces)} token pieces for a new vocabulary of {new_config.vocab_size} tokens.")
+    out = dict(state)
+    for key in VOCAB_ROWS:
+        if key not in state:
+            continue
+        old = state[key]  # (old padded vocab, d_model)
+        new = torch.empty(new_config.padded_vocab_size, old.shape[1], dtype=old.dtype)
+        for i, ids in enumerate(pieces):
+            new[i] = old[ids[0]] if len(ids) == 1 else old[ids].float().mean(0).to(old.dtype)
+        padding = old[old_config.vocab_size:] if old.shape[0] > old_config.vocab_size else old
+        new[new_config.vocab_size:] = padding.float().mean(0).to(old.dtype)
+        out[key] = new
+    return out
+
+
+def adapt_checkpoint(base_checkpoint: str | Path, old_tok: Tokenizer, new_tok: Tokenizer, out_path: str | Path,
+                     tokenizer_path: str | Path) -> tuple[dict, nn.Module]:
+    """Write ``out_path``: the base checkpoint's model moved to ``new_tok``'s vocabulary, as a single-file checkpoint
+    ``init_from`` and ``evaluate_split`` read. Returns (its hyper_parameters, the model)."""
+    hp, state = load_framework_checkpoint(base_checkpoint)
+    if old_tok.get_vocab_size() != hp["model_config"]["vocab_size"]:
+        raise ValueError(f"the base tokenizer has {old_tok.get_vocab_size()} tokens but {base_checkpoint} was trained "
+                         f"with {hp['model_config']['vocab_size']}; pass the tokenizer.json of its run directory.")
+    old_config = ModelConfig(**hp["model_config"])
+    new_config = old_config.replace(vocab_size=new_tok.get_vocab_size())
+    new_state = transfer_vocabulary(state, old_config, new_config, token_pieces(new_tok, old_tok))
+    model = build_model(new_config)
+    model.load_state_dict(new_state)  # strict: every other weight has the old shape
+    hp = dict(hp, model_config=dataclasses.asdict(new_config), tokenizer_path=str(tokenizer_path),
+              special_ids=dataclasses.asdict(special_ids(new_tok)))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp,
+                "adapted_from": str(base_checkpoint)}, out_path)
+    return hp, model
+
+
+# ----------------------------------------------------------------------------- evaluation
+def token_bytes(tok: Tokenizer) -> np.ndarray:
+    """(vocab,) UTF-8 bytes each id stands for: a byte-level BPE token has one character per byte; specials 0."""
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for token, token_id in tok.get_vocab().items():
+        lengths[token_id] = 0 if token in SPECIAL_TOKENS else len(token)
+    return lengths
+
+
+def split_bytes_per_token(prepared: PreparedData, split: str = "val") -> float:
+    lengths = token_bytes(prepared.tokenizer())
+    total_bytes = total_tokens = 0
+    for shard in prepared.shards(split):
+        ids = np.asarray(open_tokens(shard, prepared.dtype))
+        total_bytes += int(lengths[ids].sum())
+        total_tokens += len(ids)
+    return total_bytes / max(1, total_tokens)
+
+
+@torch.no_grad()
+def evaluate_split(module, prepared: PreparedData, seq_len: int, micro_batch_size: int, max_windows: int = 10**9,
+                   seed: int = 0) -> dict:
+    """Token-weighted mean validation loss (nats/token) of ``module`` (a ``PretrainModule``) over the first
+    ``max_windows`` validation windows of ``prepared``, as ``PretrainModule.validation_step`` computes it; and
+    nats/byte = loss / (bytes per token of the split), which compares models with different tokenizers."""
+    window = type(module).window_length(seq_len, module.objective_config)
+    data = PretrainDataModule(prepared, window, micro_batch_size, collate_fn=module.collator(), seed=seed,
+                              val_windows=max_windows)
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0
+    for batch in data.val_dataloader():
+        loss, n = module.compute_loss(batch)
+        total += float(loss) * int(n)
+        count += int(n)
+    module.train(was_training)
+    loss = total / max(1, count)
+    return {"loss_nats": loss, "nats_per_byte": loss / split_bytes_per_token(prepared), "tokens": count}
+
+
+def module_from_checkpoint(path: str | Path):
+    """The objective's ``PretrainModule`` of a single-file checkpoint, weights loaded, in eval mode."""
+    from framework.objectives import objective_class
+
+    hp, state = load_framework_checkpoint(path)
+    module = objective_class(hp["objective"]["name"])(
+        **{k: hp[k] for k in ("model_config", "optim", "objective", "special_ids", "max_steps", "seq_len")},
+        tokenizer_path=hp.get("tokenizer_path", ""))
+    module.model.load_state_dict(state)
+    return module.eval()
