@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from framework.data.curation import CurationConfig
+
 
 @dataclass
 class DataConfig:
@@ -29,8 +31,13 @@ class DataConfig:
     cache_dir: str = "data_cache"
     num_proc: int = 2
     shard_tokens: int = 50_000_000  # tokens per memory-mapped shard file
+    # deduplication and quality filters run before tokenization (framework.data.curation); off by default,
+    # on with data.curation.enabled=true
+    curation: CurationConfig = field(default_factory=CurationConfig)
     # loading
     seq_len: int = 256  # model sequence length; each objective derives its raw window length from it
     micro_batch_size: int = 16  # sequences per device per forward pass
-    num_workers: int = 0
+    # DataLoader worker processes per training process; -1 = auto: on CUDA, the process's share of the usable
+    # cores minus one, 1..8 (framework.data.datamodule.resolve_num_workers); on CPU, 0
+    num_workers: int = -1
     val_windows: int = 64  # validation windows evaluated each time (split across ranks)

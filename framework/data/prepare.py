@@ -2,11 +2,12 @@
 
 Layout under ``data.cache_dir``::
 
-    <source>-<key>/                 key = hash(source fingerprint, tokenizer settings)
+    <source>-<key>/                 key = hash(source fingerprint, tokenizer settings, curation config if on)
         tokenizer.json              byte-level BPE trained on the training split
         tokenizer_settings.json
         shards/train_00000.bin ...  documents' tokens, each followed by <eos>, back to back
         shards/val_00000.bin ...
+        shards/curation_report.json when data.curation.enabled: documents and tokens in, removed per filter, kept
         shards/meta.json            written last: its presence marks a complete preparation
 
 Shards are raw little-endian arrays (uint16 when the vocabulary fits, else uint32) read with
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig
+from framework.data.curation import CurationResult, build_report, curate, format_report
 from framework.data.sources import is_validation, iter_documents, source_fingerprint
 
 FORMAT_VERSION = 1
@@ -89,8 +91,10 @@ def _tokenizer_identity(cfg: DataConfig) -> dict:
 
 
 def data_key(cfg: DataConfig) -> str:
-    blob = json.dumps({"source": source_fingerprint(cfg), "tokenizer": _tokenizer_identity(cfg),
-                       "format": FORMAT_VERSION}, sort_keys=True)
+    identity = {"source": source_fingerprint(cfg), "tokenizer": _tokenizer_identity(cfg), "format": FORMAT_VERSION}
+    if cfg.curation.enabled:  # only when on, so uncurated preparations keep their keys
+        identity["curation"] = asdict(cfg.curation)
+    blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -104,20 +108,22 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
         if meta_path.exists():
             return PreparedData(directory, json.loads(meta_path.read_text()))
         directory.mkdir(parents=True, exist_ok=True)
-        tok = _tokenizer(cfg, directory, progress)
-        meta = _tokenize_to_shards(cfg, directory, tok, progress)
+        # one curation pass (when on); both passes below skip the documents it removes
+        curation = curate(iter_documents(cfg), cfg.curation, progress) if cfg.curation.enabled else None
+        tok = _tokenizer(cfg, directory, progress, curation)
+        meta = _tokenize_to_shards(cfg, directory, tok, progress, curation)
         return PreparedData(directory, meta)
 
 
-def _train_texts(cfg: DataConfig, bar: tqdm | None) -> Iterator[str]:
-    for doc_id, text in iter_documents(cfg):
+def _train_texts(cfg: DataConfig, bar: tqdm | None, curation: CurationResult | None = None) -> Iterator[str]:
+    for position, (doc_id, text) in enumerate(iter_documents(cfg)):
         if bar is not None:
             bar.update(1)
-        if not is_validation(doc_id, cfg.val_fraction):
+        if (curation is None or curation.reason(position) is None) and not is_validation(doc_id, cfg.val_fraction):
             yield text
 
 
-def _tokenizer(cfg: DataConfig, directory: Path, progress: bool):
+def _tokenizer(cfg: DataConfig, directory: Path, progress: bool, curation: CurationResult | None = None):
     path = directory / tk.TOKENIZER_FILE
     settings_path = directory / "tokenizer_settings.json"
     if cfg.tokenizer_path:  # a given tokenizer: copied beside the shards, so the prepared directory is self-contained
@@ -131,7 +137,7 @@ def _tokenizer(cfg: DataConfig, directory: Path, progress: bool):
         return tk.load_tokenizer(path)  # same corpus (the directory key) and same settings: reuse
     t0 = time.time()
     bar = tqdm(desc="training tokenizer (documents read)", unit="doc", disable=not progress, mininterval=2.0)
-    tok = tk.train_tokenizer(_train_texts(cfg, bar), cfg.vocab_size)
+    tok = tk.train_tokenizer(_train_texts(cfg, bar, curation), cfg.vocab_size)
     bar.close()
     tk.save_tokenizer(tok, directory, settings)
     if progress:
@@ -149,22 +155,25 @@ def _worker_init(tokenizer_path: str) -> None:
     _worker_tok = tk.load_tokenizer(tokenizer_path)
 
 
-def _encode_chunk(args: tuple[list[tuple[str, str]], float, int]) -> list[tuple[bool, np.ndarray]]:
+def _encode_chunk(args: tuple[list[tuple[str, str, str | None]], float, int]) -> list[tuple[bool, np.ndarray, str | None]]:
+    """(doc_id, text, curation removal reason or None) -> (is validation, tokens + <eos>, reason)."""
     docs, val_fraction, eos = args
-    encodings = _worker_tok.encode_batch([text for _, text in docs], add_special_tokens=False)
+    encodings = _worker_tok.encode_batch([text for _, text, _ in docs], add_special_tokens=False)
     out = []
-    for (doc_id, _), enc in zip(docs, encodings):
+    for (doc_id, _, reason), enc in zip(docs, encodings):
         ids = np.empty(len(enc.ids) + 1, dtype=np.int64)
         ids[:-1] = enc.ids
         ids[-1] = eos
-        out.append((is_validation(doc_id, val_fraction), ids))
+        out.append((is_validation(doc_id, val_fraction), ids, reason))
     return out
 
 
-def _chunks(cfg: DataConfig, eos: int, size: int = 128) -> Iterator[tuple[list[tuple[str, str]], float, int]]:
-    buf: list[tuple[str, str]] = []
-    for doc in iter_documents(cfg):
-        buf.append(doc)
+def _chunks(cfg: DataConfig, eos: int, curation: CurationResult | None = None,
+            size: int = 128) -> Iterator[tuple[list[tuple[str, str, str | None]], float, int]]:
+    buf: list[tuple[str, str, str | None]] = []
+    for position, (doc_id, text) in enumerate(iter_documents(cfg)):
+        # removed documents are tokenized too, so the curation report can count their tokens
+        buf.append((doc_id, text, None if curation is None else curation.reason(position)))
         if len(buf) == size:
             yield buf, cfg.val_fraction, eos
             buf = []
@@ -205,7 +214,8 @@ class _ShardWriter:
             self._f.close()
 
 
-def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool) -> dict:
+def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool,
+                        curation: CurationResult | None = None) -> dict:
     specials = tk.special_ids(tok)
     vocab = tok.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
@@ -215,9 +225,10 @@ def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool) -
     writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     val_counts = np.zeros(vocab, dtype=np.int64)
     docs = {"train": 0, "val": 0}
+    tokens_by_reason: dict[str | None, int] = {}  # curation removal reason (None = kept) -> tokens incl. <eos>
     t0 = time.time()
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=2.0)
-    chunks = _chunks(cfg, specials.eos)
+    chunks = _chunks(cfg, specials.eos, curation)
     num_proc = max(1, int(cfg.num_proc))
     if num_proc > 1:
         # fork: workers start in milliseconds (spawn would re-import the training entry point, ~10 s);
@@ -236,7 +247,10 @@ def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool) -
         pool, results = None, map(_encode_chunk, chunks)
     try:
         for chunk in results:
-            for is_val, ids in chunk:
+            for is_val, ids, reason in chunk:
+                tokens_by_reason[reason] = tokens_by_reason.get(reason, 0) + len(ids)
+                if reason is not None:
+                    continue
                 split = "val" if is_val else "train"
                 writers[split].write(ids)
                 docs[split] += 1
@@ -254,7 +268,9 @@ def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool) -
     if docs["train"] == 0 or docs["val"] == 0:
         raise ValueError(
             f"the corpus gave {docs['train']} training and {docs['val']} validation documents; it needs both: "
-            "add more documents or change data.val_fraction."
+            "add more documents or change data.val_fraction"
+            + (" or loosen data.curation's thresholds (it removed "
+               f"{len(curation.removed)} of {curation.documents_in} documents)." if curation is not None else ".")
         )
     meta = {
         "format": FORMAT_VERSION,
@@ -270,6 +286,16 @@ def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool) -
         "val_unigram_entropy_nats": unigram_entropy(val_counts),
         "seconds": round(time.time() - t0, 2),
     }
+    if curation is not None:
+        # both splits counted together: curation runs before the train/val split (so it also removes
+        # validation documents that duplicate training ones)
+        report = build_report(curation, tokens_by_reason, asdict(cfg.curation))
+        (tmp / "curation_report.json").write_text(json.dumps(report, indent=2))
+        meta["curation"] = {"report": "curation_report.json", "documents": report["documents"],
+                            "tokens": report["tokens"]}
+        if progress:
+            print(f"curation ({curation.seconds}s; report in {directory / 'shards' / 'curation_report.json'}):\n"
+                  + format_report(report))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     meta = json.loads(json.dumps(meta))  # the same plain-JSON form a later reuse reads back
     final = directory / "shards"
