@@ -250,10 +250,11 @@ QUALITY_FILTERS: dict[str, Callable] = {
     "alpha_words": _check_alpha_words,
     "stop_words": _check_stop_words,
     "punctuation_lines": _check_punctuation_lines,
-    "duplicate_lines": _check_duplicate_lines,
+    # paragraphs before lines: a repeated paragraph repeats its lines too, and is reported as the coarser unit
     "duplicate_paragraphs": _check_duplicate_paragraphs,
-    "duplicate_line_chars": _check_duplicate_line_chars,
     "duplicate_paragraph_chars": _check_duplicate_paragraph_chars,
+    "duplicate_lines": _check_duplicate_lines,
+    "duplicate_line_chars": _check_duplicate_line_chars,
     "top_ngram_chars": _check_top_ngram_chars,
     "duplicate_ngram_chars": _check_duplicate_ngram_chars,
 }

@@ -155,7 +155,8 @@ def _worker_init(tokenizer_path: str) -> None:
     _worker_tok = tk.load_tokenizer(tokenizer_path)
 
 
-def _encode_chunk(args: tuple[list[tuple[str, str, str | None]], float, int]) -> list[tuple[bool, np.ndarray, str | None]]:
+def _encode_chunk(args: tuple[list[tuple[str, str, str | None]], float, int],
+                  ) -> list[tuple[bool, np.ndarray, str | None]]:
     """(doc_id, text, curation removal reason or None) -> (is validation, tokens + <eos>, reason)."""
     docs, val_fraction, eos = args
     encodings = _worker_tok.encode_batch([text for _, text, _ in docs], add_special_tokens=False)
