@@ -25,6 +25,15 @@ def compose_train_config(overrides: list[str]):
 def prepare_main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cfg = compose_train_config(argv)
+    if cfg.data.mixture:  # each source's shards, one shared tokenizer
+        from framework.data.mixture import prepare_mixture
+
+        mixture = prepare_mixture(cfg.data)
+        for name, part in mixture.parts.items():
+            print(f"{name} (weight {mixture.meta['mixture'][name]:.4g}) ready at {part.directory}: "
+                  f"{part.meta['tokens']['train']:,} train / {part.meta['tokens']['val']:,} val tokens")
+        print(f"shared tokenizer {mixture.meta['tokenizer_hash']} ({mixture.vocab_size} tokens): {mixture.tokenizer_path}")
+        return
     prepared = prepare_data(cfg.data)
     m = prepared.meta
     print(f"data ready at {prepared.directory}: {m['tokens']['train']:,} train / {m['tokens']['val']:,} val tokens, "

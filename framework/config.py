@@ -91,7 +91,11 @@ class TrainConfig:
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
+    schema = OmegaConf.structured(TrainConfig)
+    # name-keyed maps: `data.sources={legal:{...}}` adds names without a `+` (each SourceSpec stays strict)
+    for node in (schema.data.sources, schema.data.mixture):
+        OmegaConf.set_struct(node, False)
+    cs.store(name="train_schema", node=schema)
 
 
 def to_run_config(cfg: DictConfig) -> TrainConfig:

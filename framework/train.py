@@ -28,6 +28,7 @@ from framework.callbacks.preemption import PreemptionCallback
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
 from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
 from framework.data.datamodule import PretrainDataModule
+from framework.data.mixture import MixtureDataModule, MixtureTokensLogger, mixture_metrics, prepare_mixture
 from framework.data.prepare import prepare_data
 from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_plugins, checkpoint_wandb_id, resolve_resume
 from framework.distributed.parallelize import Parallelizer
@@ -62,7 +63,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
         torch.set_num_threads(cfg.torch_threads)
     # refuse a strategy x precision pair that cannot run here before any data, model or process group exists
     check_strategy_precision(cfg.strategy, cfg.precision.mode, detect_device(cfg.trainer.accelerator))
-    prepared = prepare_data(cfg.data, progress=_is_global_zero())
+    mixture = bool(cfg.data.mixture)  # several sources sampled by weight (framework.data.mixture)
+    prepared = (prepare_mixture if mixture else prepare_data)(cfg.data, progress=_is_global_zero())
 
     model_config = resolve_model(cfg.model).replace(vocab_size=prepared.vocab_size)
     objective_cls = objective_class(cfg.objective.name)
@@ -75,8 +77,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     if cfg.init_from:  # continued pretraining: the model's weights, not the optimizer, schedule or step
         load_init_weights(module.model, model_config, cfg.init_from)
     module.parallelizer = Parallelizer(cfg.strategy, cfg.precision.mode)  # applied in configure_model
-    datamodule = PretrainDataModule(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),
-                                    seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
+    datamodule_cls = MixtureDataModule if mixture else PretrainDataModule
+    datamodule = datamodule_cls(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),
+                                seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
 
     ckpt_dir = run_dir / "checkpoints"
     checkpointing = ModelCheckpoint(
@@ -94,6 +97,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
         callbacks=[checkpointing, ResumeStateCallback(),
+                   *([MixtureTokensLogger()] if mixture else []),
                    PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals))]
         + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
            if cfg.callbacks.throughput else []),
@@ -144,6 +148,8 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
         "parameters": module.model_config.num_parameters(),
         "train_loss": float(train_loss) if train_loss is not None else None,
     }
+    if isinstance(datamodule, MixtureDataModule):  # val_loss_nats/<source>, tokens_seen/<source>, epochs/<source>
+        metrics.update(mixture_metrics(results, datamodule, trainer))
     monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
     if monitor is not None and monitor.flops_per_micro_batch:
         metrics.update(flops=monitor.cumulative_flops, pf_days=pf_days(monitor.cumulative_flops))
@@ -168,6 +174,10 @@ def _print_summary(m: dict, run_dir: Path) -> None:
         f"(difference {m['val_unigram_entropy_nats'] - m['val_loss_nats']:+.4f}); step {m['step']}, "
         f"{m['tokens_seen']:,} tokens seen, {m['parameters']:,} parameters\nrun directory: {run_dir}"
     )
+    sources = [k.split("/", 1)[1] for k in m if k.startswith("val_loss_nats/")]  # a mixture (val_loss: weighted mean)
+    for name in sources:
+        print(f"  {name}: validation loss {m[f'val_loss_nats/{name}']:.4f} nats/token, "
+              f"{m.get(f'tokens_seen/{name}', 0):,} tokens seen ({m.get(f'epochs/{name}', 0):.3g} epochs)")
 
 
 def hydra_run_dir() -> Path:

@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from framework.data.curation import CurationConfig
+
+
+@dataclass
+class SourceSpec:
+    """One named source of a mixture (``data.sources.<name>``): a field left unset (None) takes the top-level
+    ``data`` value of the same name."""
+
+    source: Optional[str] = None
+    paths: Optional[list[str]] = None
+    text_field: Optional[str] = None
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_split: Optional[str] = None
+    streaming: Optional[bool] = None
+    max_documents: Optional[int] = None
+    min_document_chars: Optional[int] = None
 
 
 @dataclass
@@ -31,6 +48,11 @@ class DataConfig:
     cache_dir: str = "data_cache"
     num_proc: int = 2
     shard_tokens: int = 50_000_000  # tokens per memory-mapped shard file
+    # a mixture (framework.data.mixture): named sources, each prepared into its own shards with one shared
+    # tokenizer, sampled by weight in tokens: 'data.sources={legal:{source:files,paths:[...]},general:{}}'
+    # 'data.mixture={legal:0.51,general:0.49}'; an empty mixture = the single source configured above
+    sources: dict[str, SourceSpec] = field(default_factory=dict)
+    mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight (normalised to sum 1)
     # deduplication and quality filters run before tokenization (framework.data.curation); off by default,
     # on with data.curation.enabled=true
     curation: CurationConfig = field(default_factory=CurationConfig)

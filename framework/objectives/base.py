@@ -105,19 +105,33 @@ class PretrainModule(L.LightningModule):
             self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+    def _val_sources(self) -> tuple[list[str] | None, list[float] | None]:
+        """A mixture's validation sources (one val dataloader each) and their weights; (None, None) otherwise."""
+        dm = getattr(self.trainer, "datamodule", None)
+        return getattr(dm, "val_names", None), getattr(dm, "val_weights", None)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def on_validation_epoch_start(self) -> None:
+        names, _ = self._val_sources()
+        shape = (len(names) if names else 1,)  # loss sums and counts per val dataloader
+        self._val_sum = torch.zeros(shape, device=self.device, dtype=torch.float64)
+        self._val_count = torch.zeros(shape, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, count = self.compute_loss(batch)
-        self._val_sum += loss.double() * count
-        self._val_count += count
+        self._val_sum[dataloader_idx] += loss.double() * count
+        self._val_count[dataloader_idx] += count
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        val_loss = (total / count.clamp_min(1)).float()  # token-weighted mean over all ranks, in nats
+        names, weights = self._val_sources()
+        if names:  # a mixture: val/<source>/loss, and val/loss = sum_i w_i loss_i (the training mixture's loss)
+            per_source = total / count.clamp_min(1)  # (sources,) token-weighted means over all ranks, in nats
+            for name, loss in zip(names, per_source):
+                self.log(f"val/{name}/loss", loss.float(), sync_dist=True)
+            val_loss = (per_source * torch.tensor(weights, dtype=per_source.dtype, device=per_source.device)).sum().float()
+        else:
+            val_loss = (total.sum() / count.sum().clamp_min(1)).float()  # token-weighted mean over all ranks, in nats
         # already identical on every rank; sync_dist averages identical values (and keeps Lightning quiet)
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(val_loss.clamp(max=50)), sync_dist=True)

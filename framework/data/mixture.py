@@ -1,0 +1,395 @@
+"""Data mixtures: several named sources, one shared tokenizer, sampled by weight in tokens.
+
+    fw-train 'data.sources={legal:{source:licenses},general:{source:stdlib}}' 'data.mixture={legal:0.51,general:0.49}'
+
+Preparation (``prepare_mixture``): one byte-level BPE tokenizer for all sources (``data.tokenizer_path`` when
+given, else trained on the union of the sources' training documents and kept in
+``<cache_dir>/mixture-<key>/tokenizer.json``), then each source is prepared into its own shards by
+``prepare_data`` with that tokenizer, so token ids mean the same in every source.
+
+Sampling (``MixtureSchedule``): every window has the same length, so a share of windows is a share of
+tokens. Global sample position ``n`` (all ranks' samples, rank ``r`` of ``w`` taking positions
+``r, r + w, ...``) is given to a source by Tijdeman's rule for the chairman assignment problem
+(R. Tijdeman, "The chairman assignment problem", Discrete Mathematics 32, 1980): among the sources whose
+deficit ``w_i n - c_i`` is at least ``delta = 1 / (2k - 2)`` (``k`` sources of positive weight, ``c_i`` the
+windows already given to source ``i``), the one whose deficit would first reach ``1 - delta``. It
+guarantees, at EVERY prefix of ``n`` windows,
+
+    |c_i(n) - w_i n| <= 1 - 1 / (2k - 2)  windows      (1/2 for two sources, 3/4 for three; < 1 always)
+
+with the weights quantised to multiples of 1e-12 so the rule runs in exact integer arithmetic (the same
+choice on every rank and after every resume). Within a source, windows are drawn in a seeded permutation
+per epoch of that source; each source rolls over its epochs independently (a small source repeats).
+
+Resume: the state is the stream position plus the per-source counters at it (recomputable by replaying
+the schedule); a resumed run reads the same windows in the same order as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from framework.data import tokenizer as tk
+from framework.data.config import DataConfig, SourceSpec
+from framework.data.datamodule import PackedWindows, PretrainDataModule
+from framework.data.prepare import FORMAT_VERSION, PreparedData, _file_lock, _train_texts, prepare_data
+from framework.data.sources import source_fingerprint
+
+WEIGHT_DENOMINATOR = 10**12  # weights are integers over this in the schedule: exact and identical on every rank
+
+
+# ----------------------------------------------------------------------------- configuration
+def mixture_weights(cfg: DataConfig) -> dict[str, float]:
+    """``data.mixture`` normalised to sum 1, in its given order; refuses what cannot be a mixture."""
+    if not cfg.mixture:
+        raise ValueError("data.mixture is empty; give 'data.mixture={name:weight,...}' naming sources in data.sources.")
+    missing = [name for name in cfg.mixture if name not in cfg.sources]
+    if missing:
+        raise ValueError(f"data.mixture names {missing} which data.sources does not define (it has "
+                         f"{sorted(cfg.sources)}); add 'data.sources={{{missing[0]}:{{source:...}}}}' or fix the name.")
+    negative = {name: w for name, w in cfg.mixture.items() if not float(w) >= 0.0}
+    if negative:
+        raise ValueError(f"data.mixture weights must be >= 0, got {negative}; give each source a non-negative weight.")
+    total = sum(float(w) for w in cfg.mixture.values())
+    if total <= 0.0:
+        raise ValueError("data.mixture weights are all zero; give at least one source a positive weight.")
+    return {name: float(w) / total for name, w in cfg.mixture.items()}
+
+
+def source_config(cfg: DataConfig, name: str) -> DataConfig:
+    """The single-source DataConfig of ``data.sources.<name>``: its set fields over the top-level ones."""
+    spec = cfg.sources[name]
+    fields = dataclasses.asdict(spec) if isinstance(spec, SourceSpec) else dict(spec or {})
+    unknown = set(fields) - {f.name for f in dataclasses.fields(SourceSpec)}
+    if unknown:
+        raise ValueError(f"data.sources.{name} has unknown fields {sorted(unknown)}; a source takes "
+                         f"{[f.name for f in dataclasses.fields(SourceSpec)]}.")
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    if "paths" in overrides:
+        overrides["paths"] = list(overrides["paths"])
+    return replace(cfg, sources={}, mixture={}, **overrides)
+
+
+# ----------------------------------------------------------------------------- preparation
+@dataclass
+class PreparedMixture:
+    """What ``PreparedData`` offers train.py, for several sources sharing one tokenizer.
+
+    ``meta["val_unigram_entropy_nats"]`` is the mixture-weighted mean of the sources' validation unigram
+    entropies, sum_i w_i H_i: the loss of the best context-free model that knows each token's source, the
+    baseline for ``val/loss`` (itself the mixture-weighted mean of the per-source losses)."""
+
+    names: list[str]
+    weights: list[float]  # normalised, in ``names`` order
+    parts: dict[str, PreparedData]
+    tokenizer_path: Path
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def tokenizer(self):
+        return tk.load_tokenizer(self.tokenizer_path)
+
+    def special_ids(self) -> tk.SpecialIds:
+        return next(iter(self.parts.values())).special_ids()
+
+
+def mixture_key(cfg: DataConfig, names: list[str]) -> str:
+    blob = json.dumps({"sources": {n: source_fingerprint(source_config(cfg, n)) for n in sorted(names)},
+                       "tokenizer": tk.tokenizer_settings(cfg.vocab_size), "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _shared_tokenizer(cfg: DataConfig, names: list[str], progress: bool) -> Path:
+    """``data.tokenizer_path``, or a BPE trained once on the union of the sources' training documents."""
+    if cfg.tokenizer_path:
+        return Path(cfg.tokenizer_path).expanduser().resolve()
+    directory = Path(cfg.cache_dir).expanduser().resolve() / f"mixture-{mixture_key(cfg, names)}"
+    path = directory / tk.TOKENIZER_FILE
+    with _file_lock(directory.parent / f".{directory.name}.lock"):
+        if path.exists():
+            return path
+        directory.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+
+        def union() -> Iterator[str]:  # sorted by name: the tokenizer does not depend on the mixture's order
+            for name in sorted(names):
+                yield from _train_texts(source_config(cfg, name), None)
+
+        tok = tk.train_tokenizer(union(), cfg.vocab_size)
+        tk.save_tokenizer(tok, directory, {**tk.tokenizer_settings(cfg.vocab_size), "sources": sorted(names)})
+        if progress:
+            print(f"mixture tokenizer: byte-level BPE, {tok.get_vocab_size()} tokens from {len(names)} sources, "
+                  f"trained in {time.time() - t0:.1f}s -> {path}")
+        return path
+
+
+def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
+    """One tokenizer for all sources of ``data.mixture``, then each source's own shards (reused when present)."""
+    weights = mixture_weights(cfg)
+    names = list(weights)
+    tokenizer_path = _shared_tokenizer(cfg, names, progress)
+    parts = {name: prepare_data(replace(source_config(cfg, name), tokenizer_path=str(tokenizer_path)), progress)
+             for name in names}
+    hashes = {part.meta["tokenizer_hash"] for part in parts.values()}
+    assert len(hashes) == 1, f"mixture sources were tokenized differently: {hashes}"
+    first = parts[names[0]].meta
+    meta = {
+        "mixture": weights,
+        "tokenizer_hash": first["tokenizer_hash"],
+        "vocab_size": first["vocab_size"],
+        "special_ids": first["special_ids"],
+        "dtype": first["dtype"],
+        "documents": {s: sum(p.meta["documents"][s] for p in parts.values()) for s in ("train", "val")},
+        "tokens": {s: sum(p.meta["tokens"][s] for p in parts.values()) for s in ("train", "val")},
+        "val_unigram_entropy_nats": sum(weights[n] * parts[n].meta["val_unigram_entropy_nats"] for n in names),
+        "sources": {n: {"directory": str(parts[n].directory), "weight": weights[n], "documents": parts[n].meta["documents"],
+                        "tokens": parts[n].meta["tokens"],
+                        "val_unigram_entropy_nats": parts[n].meta["val_unigram_entropy_nats"]} for n in names},
+    }
+    return PreparedMixture(names, [weights[n] for n in names], parts, tokenizer_path, meta)
+
+
+# ----------------------------------------------------------------------------- the schedule
+def quantise_weights(weights: list[float]) -> list[int]:
+    """Weights as integers summing to ``WEIGHT_DENOMINATOR`` (largest remainders; each off by < 1e-12)."""
+    scaled = [w * WEIGHT_DENOMINATOR for w in weights]
+    out = [int(s) for s in scaled]
+    for i in sorted(range(len(out)), key=lambda i: out[i] - scaled[i])[: WEIGHT_DENOMINATOR - sum(out)]:
+        out[i] += 1
+    return out
+
+
+class MixtureSchedule:
+    """Which source each global sample position draws from (Tijdeman 1980; see the module docstring).
+
+    ``counts``: windows already given to each source (their sum is the position); ``next()`` assigns one more."""
+
+    def __init__(self, weights: list[float], counts: list[int] | None = None) -> None:
+        self.quanta = quantise_weights(weights)  # w_i * D
+        self.active = [i for i, q in enumerate(self.quanta) if q > 0]
+        self.m = max(1, 2 * len(self.active) - 2)  # 1 / delta
+        self.counts = list(counts) if counts is not None else [0] * len(weights)
+        self.position = sum(self.counts)
+
+    def next(self) -> int:
+        n, D, m = self.position + 1, WEIGHT_DENOMINATOR, self.m
+        best, best_num, best_den = self.active[0], None, 1
+        for i in self.active:
+            q, c = self.quanta[i], self.counts[i]
+            if len(self.active) > 1 and m * (q * n - c * D) < D:  # deficit w_i n - c_i < delta: not eligible
+                continue
+            num = (c + 1) * m - 1  # deadline (c_i + 1 - delta) / w_i = num * D / (m * q_i)
+            if best_num is None or num * best_den < best_num * q:
+                best, best_num, best_den = i, num, q
+        self.counts[best] += 1
+        self.position += 1
+        return best
+
+    @classmethod
+    def replay(cls, weights: list[float], position: int) -> "MixtureSchedule":
+        schedule = cls(weights)
+        for _ in range(position):
+            schedule.next()
+        return schedule
+
+
+def tolerance_windows(weights: list[float]) -> float:
+    """The bound on |c_i(n) - w_i n| at every prefix n (Tijdeman 1980, Theorem): 1 - 1/(2k - 2), k >= 2."""
+    k = sum(1 for w in weights if w > 0)
+    return 0.0 if k <= 1 else 1.0 - 1.0 / (2 * k - 2)
+
+
+def source_window_order(seed: int, name: str, epoch: int, num_windows: int) -> torch.Tensor:
+    """Source ``name``'s window order in its ``epoch``: a permutation seeded by (seed, name, epoch)."""
+    g = torch.Generator().manual_seed(hash((seed, zlib.crc32(name.encode()), epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.randperm(num_windows, generator=g)
+
+
+class MixtureSampler(Sampler):
+    """Infinite stream of ``(source, window, position)`` for one rank, from the schedule's global position
+    ``start_counts`` (sum = samples of all ranks so far); ``position`` counts this rank's samples."""
+
+    def __init__(self, names: list[str], weights: list[float], num_windows: list[int], seed: int, rank: int,
+                 world_size: int, start_counts: list[int]) -> None:
+        if sum(start_counts) % world_size:
+            raise ValueError(f"mixture position {sum(start_counts)} is not a multiple of {world_size} ranks; "
+                             "resume with the world size the checkpoint was written with.")
+        self.names, self.weights, self.num_windows, self.seed = names, weights, num_windows, seed
+        self.rank, self.world_size, self.start_counts = rank, world_size, list(start_counts)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        schedule = MixtureSchedule(self.weights, self.start_counts)
+        orders: dict[tuple[int, int], torch.Tensor] = {}  # (source, epoch) -> order; one epoch per source kept
+        position = schedule.position // self.world_size
+        while True:
+            global_position = schedule.position
+            source = schedule.next()
+            if global_position % self.world_size != self.rank:
+                continue
+            epoch, offset = divmod(schedule.counts[source] - 1, self.num_windows[source])
+            if (source, epoch) not in orders:
+                orders = {k: v for k, v in orders.items() if k[0] != source}
+                orders[(source, epoch)] = source_window_order(self.seed, self.names[source], epoch,
+                                                              self.num_windows[source])
+            yield source, int(orders[(source, epoch)][offset]), position
+            position += 1
+
+    def __len__(self) -> int:
+        raise TypeError("the training stream is infinite")
+
+
+class MixtureWindows(Dataset):
+    """``dataset[(source, i, position)]`` = (window i of that source, position) for seeded collation."""
+
+    def __init__(self, parts: list[PackedWindows]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        source, index, position = key
+        return self.parts[source][index], position
+
+
+# ----------------------------------------------------------------------------- the DataModule
+class MixtureDataModule(PretrainDataModule):
+    """``PretrainDataModule``'s surface (same loaders, collation, resume hooks) over a ``PreparedMixture``.
+
+    Validation: one loader per source (``val_names``, ``val_weights``); ``val_windows`` is per source."""
+
+    def __init__(self, prepared: PreparedMixture, window_length: int, micro_batch_size: int, collate_fn=None,
+                 seed: int = 0, num_workers: int = 0, val_windows: int = 64) -> None:
+        L.LightningDataModule.__init__(self)
+        self.prepared = prepared
+        self.window_length, self.micro_batch_size, self.collate_fn = window_length, micro_batch_size, collate_fn
+        self.seed, self.num_workers, self.val_windows = seed, num_workers, val_windows
+        self.names, self.weights = list(prepared.names), list(prepared.weights)
+        self.samples_consumed = 0  # windows consumed by this rank; restored from checkpoints
+        # windows consumed from each source by all ranks together, at the consumed position
+        self._consumed = MixtureSchedule(self.weights)
+        self._train_parts, self._val_parts = [], []
+        for name in self.names:
+            part = prepared.parts[name]
+            train = PackedWindows(part.shards("train"), part.dtype, window_length)
+            val = PackedWindows(part.shards("val"), part.dtype, window_length)
+            if len(train) == 0 or len(val) == 0:
+                raise ValueError(f"window_length={window_length} tokens leaves source {name!r} {len(train)} training "
+                                 f"and {len(val)} validation windows; lower data.seq_len or give it more documents.")
+            self._train_parts.append(train)
+            self._val_parts.append(val)
+
+    @property
+    def val_names(self) -> list[str]:
+        return self.names
+
+    @property
+    def val_weights(self) -> list[float]:
+        return self.weights
+
+    @property
+    def source_windows(self) -> dict[str, int]:
+        """Training windows consumed from each source by all ranks (host ints, no device sync)."""
+        return dict(zip(self.names, self._consumed.counts))
+
+    @property
+    def source_epochs(self) -> dict[str, float]:
+        """Passes over each source's training windows so far (> 1: the source repeated)."""
+        return {n: c / len(p) for n, c, p in zip(self.names, self._consumed.counts, self._train_parts)}
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        self._rank = rank
+        sampler = MixtureSampler(self.names, self.weights, [len(p) for p in self._train_parts], self.seed, rank, world,
+                                 self._consumed.counts)
+        return self._loader(MixtureWindows(self._train_parts), self._collate, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        rank, world = self._rank_world()
+        loaders = []
+        for val in self._val_parts:
+            n = min(self.val_windows, len(val))
+            n -= n % world  # every rank evaluates the same number of windows of each source
+            indices = [(i, i) for i in range(rank, max(n, world), world)]  # (window, position = window index)
+            loaders.append(self._loader(torch.utils.data.Subset(val, indices), self._val_collate))
+        return loaders
+
+    # ------------------------------------------------------------------ resume
+    def on_micro_batch_consumed(self) -> None:
+        _, world = self._rank_world()
+        for _ in range(self.micro_batch_size * world):  # every rank's micro-batch: the global schedule advances
+            self._consumed.next()
+        self.samples_consumed += self.micro_batch_size
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mixture": dict(zip(self.names, self.weights)),
+                "source_windows": self.source_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state.get("mixture")
+        if saved is None:
+            raise ValueError("this checkpoint was trained on a single source, not a mixture; resume with its data "
+                             "settings or start a new run (resume=never).")
+        current = dict(zip(self.names, self.weights))
+        if set(saved) != set(current) or any(abs(saved[n] - current[n]) > 1e-12 for n in current):
+            raise ValueError(f"this checkpoint was trained with data.mixture={saved}, not {current}; resume with the "
+                             "same mixture or start a new run (resume=never).")
+        counts = state.get("source_windows")
+        self._consumed = (MixtureSchedule(self.weights, [int(counts[n]) for n in self.names]) if counts is not None
+                          else MixtureSchedule.replay(self.weights, self.samples_consumed * self._rank_world()[1]))
+
+
+class MixtureTokensLogger(L.Callback):
+    """Logs ``train/tokens_seen/<source>`` (all ranks' input tokens drawn from each source) on the steps the
+    loggers write: windows per source (host counters of the schedule) x input tokens per window."""
+
+    def __init__(self) -> None:
+        self.tokens_per_window: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, MixtureDataModule):
+            return
+        if self.tokens_per_window is None:
+            self.tokens_per_window = pl_module.batch_tokens(batch) // dm.micro_batch_size
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:  # the step's metrics are not written
+            return
+        for name, windows in dm.source_windows.items():
+            pl_module.log(f"train/tokens_seen/{name}", float(windows * self.tokens_per_window), on_step=True,
+                          on_epoch=False)
+
+
+def mixture_metrics(results: list[dict], dm: MixtureDataModule, trainer: L.Trainer) -> dict:
+    """Per-source entries of final_metrics.json from ``trainer.validate``'s results (one dict per val
+    dataloader; Lightning suffixes a dataloader's metrics with ``/dataloader_idx_<i>``) and the schedule."""
+    out: dict = {}
+    for i, name in enumerate(dm.names):
+        row = results[i] if i < len(results) else {}
+        out[f"val_loss_nats/{name}"] = float(row.get(f"val/{name}/loss/dataloader_idx_{i}",
+                                                     row.get(f"val/{name}/loss", float("nan"))))
+    logger = next((c for c in trainer.callbacks if isinstance(c, MixtureTokensLogger)), None)
+    if logger is not None and logger.tokens_per_window:
+        out.update({f"tokens_seen/{n}": w * logger.tokens_per_window for n, w in dm.source_windows.items()})
+    out.update({f"epochs/{n}": round(e, 4) for n, e in dm.source_epochs.items()})
+    return out

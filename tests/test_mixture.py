@@ -1,0 +1,192 @@
+"""Data mixtures: token shares at every prefix, exact resume, rank disjointness, one shared tokenizer,
+clear refusals, and a tiny end-to-end run with per-source tokens and validation losses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sysconfig
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.config import to_run_config
+from framework.data.config import DataConfig, SourceSpec
+from framework.data.mixture import (MixtureDataModule, MixtureSampler, MixtureSchedule, mixture_weights,
+                                    prepare_mixture, tolerance_windows)
+
+
+def _shares_deviation(sources: list[int], weights: list[float]) -> float:
+    """max over prefixes n and sources i of |c_i(n) - w_i n| for a stream of source ids."""
+    counts = torch.zeros(len(weights), dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(torch.tensor(sources), len(weights)).double()  # (n, k)
+    counts = onehot.cumsum(0)  # (n, k): c_i after each prefix
+    n = torch.arange(1, len(sources) + 1, dtype=torch.float64)[:, None]
+    return float((counts - n * torch.tensor(weights, dtype=torch.float64)).abs().max())
+
+
+@pytest.mark.parametrize("weights", [[0.51, 0.49], [0.7, 0.2, 0.1]])
+def test_token_share_within_tolerance_at_every_prefix(weights):
+    sampler = MixtureSampler(["a", "b", "c"][: len(weights)], weights, [97, 31, 11][: len(weights)], seed=3, rank=0,
+                             world_size=1, start_counts=[0] * len(weights))
+    stream = iter(sampler)
+    sources = [next(stream)[0] for _ in range(10_000)]  # all windows have one length: window share = token share
+    tol = tolerance_windows(weights)
+    assert tol == {2: 0.5, 3: 0.75}[len(weights)]  # Tijdeman's bound 1 - 1/(2k - 2)
+    assert _shares_deviation(sources, weights) <= tol + 1e-9
+    # an i.i.d. draw by weight strays by ~sqrt(n) windows: the schedule is what keeps the share tight
+    iid = torch.multinomial(torch.tensor(weights), 10_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert _shares_deviation(iid.tolist(), weights) > 5
+
+
+def test_schedule_bound_holds_for_many_sources_and_zero_weights():
+    weights = [0.4, 0.0, 0.25, 0.15, 0.1, 0.06, 0.04]  # a zero weight is never drawn and not counted in k
+    schedule = MixtureSchedule(weights)
+    sources = [schedule.next() for _ in range(5_000)]
+    assert 1 not in sources
+    assert _shares_deviation(sources, weights) <= tolerance_windows(weights) + 1e-9 == 1 - 1 / 10 + 1e-9
+
+
+def _merged(names, weights, sizes, world, per_rank, start_counts=None, seed=5):
+    """Each rank's first ``per_rank`` samples, and all ranks' samples in global order."""
+    start = start_counts or [0] * len(weights)
+    streams = []
+    for rank in range(world):
+        it = iter(MixtureSampler(names, weights, sizes, seed, rank, world, start))
+        streams.append([next(it) for _ in range(per_rank)])
+    merged = [streams[p % world][p // world] for p in range(world * per_rank)]
+    return streams, merged
+
+
+def test_resume_mid_stream_and_two_ranks_disjoint():
+    names, weights, sizes = ["big", "mid", "small"], [0.7, 0.2, 0.1], [50, 13, 7]
+    full, merged = _merged(names, weights, sizes, world=2, per_rank=400)
+    # rank r reads global positions r, r + 2, ...; positions count each rank's own samples
+    assert [p for _, _, p in full[1]] == list(range(400))
+    # within a source, consecutive blocks of one epoch are a permutation of its windows: no window is read by
+    # both ranks (or twice) within an epoch; the small source repeated ~11 times, each epoch in a new order
+    orders = []
+    for s, size in enumerate(sizes):
+        draws = [w for src, w, _ in merged if src == s]
+        epochs = [draws[i : i + size] for i in range(0, len(draws) - size + 1, size)]
+        assert all(sorted(e) == list(range(size)) for e in epochs)
+        orders.append(epochs)
+    assert len(orders[2]) >= 10 and orders[2][0] != orders[2][1]
+    # resume after 123 micro-batch samples per rank: counters from replay == counters stored; same continuation
+    consumed = 123
+    schedule = MixtureSchedule.replay(weights, 2 * consumed)
+    assert schedule.counts == [sum(1 for s, _, _ in merged[: 2 * consumed] if s == i) for i in range(3)]
+    resumed, _ = _merged(names, weights, sizes, world=2, per_rank=400 - consumed, start_counts=schedule.counts)
+    for rank in range(2):
+        assert resumed[rank] == full[rank][consumed:]
+
+
+def _code_files(tmp_path: Path, count: int = 60) -> list[str]:
+    """A second domain: Python source code of the standard library (the stdlib source is its docstrings)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path / "code"
+    out.mkdir(exist_ok=True)
+    for path in sorted(root.glob("*.py"))[:count]:
+        (out / f"{path.stem}.txt").write_text(path.read_text(encoding="utf-8", errors="replace")[:6000])
+    return [str(out / "*.txt")]
+
+
+@pytest.fixture(scope="module")
+def code_paths(tmp_path_factory) -> list[str]:
+    return _code_files(tmp_path_factory.mktemp("mixture_files"))
+
+
+def _mixture_overrides(code_paths: list[str], weights=(0.51, 0.49)) -> list[str]:
+    return [f"data.sources={{code:{{source:files,paths:[{code_paths[0]}]}},prose:{{source:stdlib,max_documents:400}}}}",
+            f"data.mixture={{code:{weights[0]},prose:{weights[1]}}}"]
+
+
+def test_command_line_and_shared_tokenizer(compose, code_paths):
+    cfg = to_run_config(compose(_mixture_overrides(code_paths))).data
+    assert isinstance(cfg.sources["code"], SourceSpec) and cfg.sources["code"].text_field is None  # unset = inherit
+    assert cfg.sources["prose"].max_documents == 400 and cfg.mixture == {"code": 0.51, "prose": 0.49}
+    prepared = prepare_mixture(cfg, progress=False)
+    code, prose = prepared.parts["code"], prepared.parts["prose"]
+    assert code.directory != prose.directory and code.meta["tokens"] != prose.meta["tokens"]  # own shards each
+    # one tokenizer: same hash, same file content, same ids for the same text
+    assert code.meta["tokenizer_hash"] == prose.meta["tokenizer_hash"] == prepared.meta["tokenizer_hash"]
+    assert code.tokenizer_path.read_bytes() == prose.tokenizer_path.read_bytes() == prepared.tokenizer_path.read_bytes()
+    text = "def window_length(self, seq_len): return the raw window length"
+    assert code.tokenizer().encode(text).ids == prose.tokenizer().encode(text).ids
+    # trained on the union: it knows code-only words better than a tokenizer of prose alone would
+    assert prepared.meta["documents"]["train"] == code.meta["documents"]["train"] + prose.meta["documents"]["train"]
+    expected = 0.51 * code.meta["val_unigram_entropy_nats"] + 0.49 * prose.meta["val_unigram_entropy_nats"]
+    assert prepared.meta["val_unigram_entropy_nats"] == pytest.approx(expected)
+    # a given tokenizer (continued pretraining) is used as is by every source
+    given = prepare_mixture(replace(cfg, tokenizer_path=str(prepared.tokenizer_path)), progress=False)
+    assert given.meta["tokenizer_hash"] == prepared.meta["tokenizer_hash"]
+
+
+def test_datamodule_state_round_trip(compose, code_paths):
+    cfg = to_run_config(compose(_mixture_overrides(code_paths, (0.7, 0.3)))).data
+    prepared = prepare_mixture(cfg, progress=False)
+
+    def module():
+        return MixtureDataModule(prepared, window_length=33, micro_batch_size=4, seed=11, num_workers=0)
+
+    uninterrupted = [b for b, _ in zip(module().train_dataloader(), range(12))]
+    first = module()
+    for _ in range(5):  # five micro-batches trained, then a checkpoint
+        first.on_micro_batch_consumed()
+    state = first.state_dict()
+    assert state["source_windows"] == {"code": 14, "prose": 6}  # 20 windows at 0.7 / 0.3
+    resumed = module()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    continued = [b for b, _ in zip(resumed.train_dataloader(), range(7))]
+    assert all(torch.equal(a, b) for a, b in zip(continued, uninterrupted[5:]))
+    # a checkpoint of another mixture is refused with one sentence
+    other = MixtureDataModule(prepare_mixture(replace(cfg, mixture={"code": 0.5, "prose": 0.5}), progress=False), 33, 4)
+    with pytest.raises(ValueError, match=r"trained with data.mixture=.*resume with the same mixture"):
+        other.load_state_dict(state)
+    # validation: one loader per source, val_windows per source
+    loaders = resumed.val_dataloader()
+    assert resumed.val_names == ["code", "prose"] and len(loaders) == 2
+
+
+@pytest.mark.parametrize("mixture, message", [
+    ({"code": -0.1, "prose": 1.0}, r"must be >= 0"),
+    ({"code": 0.0, "prose": 0.0}, r"all zero"),
+    ({"code": 0.5, "legal": 0.5}, r"names \['legal'\] which data.sources does not define"),
+    ({}, r"data.mixture is empty"),
+])
+def test_bad_mixtures_refused(mixture, message):
+    cfg = DataConfig(sources={"code": SourceSpec(source="files"), "prose": SourceSpec()}, mixture=mixture)
+    with pytest.raises(ValueError, match=message):
+        mixture_weights(cfg)
+
+
+def test_weights_normalised():
+    cfg = DataConfig(sources={"a": SourceSpec(), "b": SourceSpec()}, mixture={"a": 51, "b": 49})
+    assert mixture_weights(cfg) == pytest.approx({"a": 0.51, "b": 0.49})
+
+
+def test_tiny_run_logs_per_source_tokens_and_val_losses(compose, code_paths, tmp_path):
+    from framework.train import run
+
+    weights = {"code": 0.51, "prose": 0.49}
+    cfg = to_run_config(compose(_mixture_overrides(code_paths) + [
+        "trainer.max_steps=20", "trainer.log_every_n_steps=1", "trainer.val_check_interval=10",
+        "callbacks.throughput=false", "callbacks.model_card=false"]))
+    metrics = run(cfg, tmp_path)
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    last = [r for r in rows if r.get("train/tokens_seen/code")][-1]
+    tokens = {n: float(last[f"train/tokens_seen/{n}"]) for n in weights}
+    total = float(last["train/tokens_seen"])
+    assert sum(tokens.values()) == total == 20 * 8 * 64  # steps x micro-batch x seq_len input tokens
+    windows = {n: t / 64 for n, t in tokens.items()}  # 160 windows: 81.6 / 78.4 by weight, within 1/2 window
+    assert all(abs(windows[n] - w * 160) <= 0.5 for n, w in weights.items())
+    assert metrics["tokens_seen/code"] == tokens["code"] and metrics["epochs/code"] > 0
+    # per-source validation losses, logged during training and in the final metrics; val/loss is their weighted mean
+    assert any(r.get("val/code/loss") for r in rows) and any(r.get("val/prose/loss") for r in rows)
+    per_source = {n: metrics[f"val_loss_nats/{n}"] for n in weights}
+    assert all(0 < v < 10 for v in per_source.values()) and per_source["code"] != per_source["prose"]
+    assert metrics["val_loss_nats"] == pytest.approx(sum(w * per_source[n] for n, w in weights.items()), rel=1e-5)
+    saved = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert saved["val_loss_nats/prose"] == per_source["prose"]
