@@ -240,12 +240,10 @@ def test_curation_settings_are_part_of_the_cache_key(tmp_path):
     assert data_key(base) == data_key(_files_cfg(tmp_path, max_symbol_word_ratio=0.05))
 
 
-def test_curation_of_the_embedded_corpus_end_to_end(compose, tmp_path):
-    from framework.config import to_run_config
-
-    cfg = to_run_config(compose(["data=stdlib_curated", "data.max_documents=400", "data.vocab_size=512",
-                                 f"data.cache_dir={tmp_path}"])).data
-    assert cfg.curation.enabled
+def test_curation_of_the_embedded_corpus_end_to_end(tmp_path):
+    # the settings of conf/data/stdlib_curated.yaml (test_configs composes it) on a 400-document slice
+    cfg = DataConfig(source="stdlib", max_documents=400, vocab_size=512, num_proc=1, cache_dir=str(tmp_path),
+                     curation=CurationConfig(enabled=True, min_words=20))
     prepared = prepare_data(cfg, progress=False)
     report = prepared.meta["curation"]
     assert report["documents"]["in"] == cfg.max_documents
