@@ -9,6 +9,7 @@ import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -190,3 +191,38 @@ def test_tiny_run_logs_per_source_tokens_and_val_losses(compose, code_paths, tmp
     assert metrics["val_loss_nats"] == pytest.approx(sum(w * per_source[n] for n, w in weights.items()), rel=1e-5)
     saved = json.loads((tmp_path / "final_metrics.json").read_text())
     assert saved["val_loss_nats/prose"] == per_source["prose"]
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_stopped_and_resumed_mixture_run_matches_uninterrupted(compose, code_paths, tmp_path):
+    from framework.train import build_run, run
+
+    cfg = to_run_config(compose(_mixture_overrides(code_paths, (0.3, 0.7)) + [
+        "trainer.max_steps=14", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100",
+        "callbacks.checkpoint_every_n_steps=6", "callbacks.throughput=false", "callbacks.model_card=false",
+        "data.val_windows=8"]))
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    full = run(cfg, full_dir)
+    trainer, module, dm, _ = build_run(cfg, part_dir)
+    trainer.callbacks.append(_StopAt(6))
+    trainer.fit(module, datamodule=dm)  # stops right after the step-6 checkpoint
+    assert dm.source_windows == {"code": 14, "prose": 34}  # 48 windows at 0.3 / 0.7 (14.4 / 33.6)
+    part = run(cfg, part_dir)  # resume=auto: step 6 -> 14
+
+    def losses(run_dir):
+        rows = csv.DictReader(next(run_dir.rglob("metrics.csv")).open())
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+    resumed = losses(part_dir)
+    assert sorted(s for s in resumed if s >= 6) == list(range(6, 14))
+    assert all(resumed[s] == pytest.approx(losses(full_dir)[s], abs=1e-5) for s in range(6, 14))
+    for key in ("tokens_seen/code", "tokens_seen/prose", "val_loss_nats/code", "val_loss_nats/prose"):
+        assert part[key] == pytest.approx(full[key], abs=1e-5), key
