@@ -22,6 +22,17 @@ P: the peak dense FLOP/s of one device for the run's precision (``framework.scal
 ``callbacks.peak_flops_per_device``); N: the number of devices (``trainer.world_size``).
 Compute spent is the running sum of F over all steps, also in PF-days (1 PF-day = 1e15 FLOP/s x 86,400 s
 = 8.64e19 FLOPs, Kaplan et al. 2020, section 1.3); it is saved in checkpoints, so it survives resume.
+
+No host-device synchronisation per step: metrics are computed and logged only on the steps Lightning
+writes to the loggers (every ``trainer.log_every_n_steps``); on those steps the callback waits for the GPU
+(``torch.cuda.synchronize``) and reads the clock, so every rate is measured between two synchronised edges,
+over the last ``window`` micro-batches, or the last logging interval when that is longer. Between them
+the host runs ahead of the GPU as it would without the callback.
+
+``throughput/data_wait_fraction``: seconds the training process spent blocked in the loader's ``next()``
+(counted by ``framework.data.datamodule.TimedDataLoader``: reading and collating the batch with
+``num_workers=0``, waiting for a worker's batch otherwise) over the wall-clock seconds of the same window.
+Only reported when the training loader is a ``TimedDataLoader``.
 """
 
 from __future__ import annotations
@@ -48,6 +59,26 @@ def pf_days(flops: float) -> float:
 def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float, devices: int) -> float:
     """Model FLOPs utilization: achieved FLOP/s over the peak FLOP/s of all devices (a fraction in [0, 1])."""
     return flops_per_step / step_time_s / (peak_flops_per_device * devices)
+
+
+def logs_this_step(trainer: Any) -> bool:
+    """Whether Lightning writes logged metrics to the loggers after the training step now running (every
+    ``trainer.log_every_n_steps`` optimizer steps); True outside a trainer's fit loop."""
+    connector = getattr(trainer, "_logger_connector", None)
+    try:
+        return True if connector is None else bool(connector.should_update_logs)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return True
+
+
+def loader_wait_seconds(trainer: Any) -> float | None:
+    """Seconds the training loader's iterators have spent in ``next()`` so far (a ``TimedDataLoader``), or None."""
+    try:
+        loader = trainer.train_dataloader
+    except Exception:  # no fit loop yet
+        return None
+    wait = getattr(loader, "wait_s", None)
+    return float(wait) if wait is not None else None
 
 
 def _to_cpu(x: Any) -> Any:
@@ -118,9 +149,11 @@ def _batch_size(batch: Any) -> int:
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs ``throughput/*`` (tokens/s, samples/s, FLOP/s, MFU) and ``compute/*`` (FLOPs, PF-days) every step.
+    """Logs ``throughput/*`` (tokens/s, samples/s, FLOP/s, MFU, data-wait fraction) and ``compute/*`` (FLOPs,
+    PF-days) on every logging step.
 
-    Rates are global (all ranks) and averaged over the last ``window`` micro-batches.
+    Rates are global (all ranks), measured between synchronised edges (see the module docstring) over the
+    last ``window`` micro-batches, or the last logging interval when that is longer.
     """
 
     def __init__(self, window: int = 20, peak_flops_per_device: float = 0.0,
@@ -133,7 +166,9 @@ class ThroughputMonitor(L.Callback):
         self.flops_per_micro_batch: int | None = None  # one rank's forward+backward of one micro-batch
         self.cumulative_flops = 0.0  # all ranks, all steps, restored on resume
         self.peak: float | None = None
-        self._history: deque = deque(maxlen=window + 1)  # (seconds, tokens_seen, samples, flops)
+        # synchronised edges: (seconds, micro-batches, tokens_seen, samples, flops, data-wait seconds or None)
+        self._edges: deque = deque()
+        self._micro_batches = 0
         self._samples = 0
         self._paused_s = 0.0
         self._pause_start: float | None = None
@@ -150,12 +185,17 @@ class ThroughputMonitor(L.Callback):
         else:
             rank_zero_info(f"throughput: MFU against {self.peak:.4g} FLOP/s per device ({source}) x "
                            f"{trainer.world_size} device(s)")
-        self._history.clear()
+        self._edges.clear()
 
     def _now(self, pl_module: L.LightningModule) -> float:
+        """The clock after the GPU finished the work queued so far (called on logging steps only)."""
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         return self.clock() - self._paused_s
+
+    def _edge(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple:
+        return (self._now(pl_module), self._micro_batches, float(getattr(pl_module, "tokens_seen", 0)),
+                self._samples, self.cumulative_flops, loader_wait_seconds(trainer))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.flops_per_micro_batch is None:
@@ -167,35 +207,50 @@ class ThroughputMonitor(L.Callback):
                 self.flops_per_micro_batch = 0
                 rank_zero_warn(f"throughput: could not measure FLOPs on the meta device ({err}); "
                                "FLOP/s, MFU and compute are not reported.")
-        if not self._history:
-            self._history.append((self._now(pl_module), float(getattr(pl_module, "tokens_seen", 0)), self._samples,
-                                  self.cumulative_flops))
+        if not self._edges:  # the first edge (its batch is already fetched: time and wait both start here)
+            self._edges.append(self._edge(trainer, pl_module))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         world = trainer.world_size
+        self._micro_batches += 1
         self._samples += _batch_size(batch) * world
         self.cumulative_flops += float(self.flops_per_micro_batch or 0) * world
-        tokens = float(getattr(pl_module, "tokens_seen", 0))
-        self._history.append((self._now(pl_module), tokens, self._samples, self.cumulative_flops))
-        (t0, tok0, s0, f0), (t1, tok1, s1, f1) = self._history[0], self._history[-1]
-        elapsed = t1 - t0
+        if not logs_this_step(trainer):
+            return
+        edge = self._edge(trainer, pl_module)
+        # the base: the oldest edge within the last ``window`` micro-batches, else the previous edge
+        base = self._edges[-1]
+        for old in self._edges:
+            if edge[1] - old[1] <= self.window:
+                base = old
+                break
+        self._edges.append(edge)
+        while len(self._edges) > 1 and self._edges[0] is not base:
+            self._edges.popleft()
+        metrics = self._metrics(base, edge, trainer, world)
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _metrics(self, base: tuple, edge: tuple, trainer: L.Trainer, world: int) -> dict[str, float]:
+        (t0, n0, tok0, s0, f0, w0), (t1, n1, tok1, s1, f1, w1) = base, edge
+        elapsed, micro_batches = t1 - t0, n1 - n0
         metrics: dict[str, float] = {}
         if self.flops_per_micro_batch:
             metrics["compute/flops"] = self.cumulative_flops
             metrics["compute/pf_days"] = pf_days(self.cumulative_flops)
-        if elapsed > 0:
-            micro_batches = len(self._history) - 1
+        if elapsed > 0 and micro_batches > 0:
             metrics["throughput/tokens_per_sec"] = (tok1 - tok0) / elapsed
             metrics["throughput/samples_per_sec"] = (s1 - s0) / elapsed
             metrics["throughput/step_time_s"] = elapsed / micro_batches * trainer.accumulate_grad_batches
+            if w0 is not None and w1 is not None:
+                metrics["throughput/data_wait_fraction"] = min(1.0, max(0.0, (w1 - w0) / elapsed))
             if self.flops_per_micro_batch:
                 achieved = (f1 - f0) / elapsed  # FLOP/s over all devices
                 metrics["throughput/flops_per_sec"] = achieved
                 if self.peak:
                     metrics["throughput/mfu"] = achieved / (self.peak * world)
-        if metrics:
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        return metrics
 
     # ------------------------------------------------------------------ validation is not training time
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

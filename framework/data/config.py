@@ -59,5 +59,7 @@ class DataConfig:
     # loading
     seq_len: int = 256  # model sequence length; each objective derives its raw window length from it
     micro_batch_size: int = 16  # sequences per device per forward pass
-    num_workers: int = 0
+    # DataLoader worker processes per training process; -1 = auto: on CUDA, the process's share of the usable
+    # cores minus one, 1..8 (framework.data.datamodule.resolve_num_workers); on CPU, 0
+    num_workers: int = -1
     val_windows: int = 64  # validation windows evaluated each time (split across ranks)

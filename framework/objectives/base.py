@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from framework.callbacks.throughput import logs_this_step
 from framework.data.tokenizer import SpecialIds
 from framework.models import ModelConfig, build_model
 from framework.objectives.config import ObjectiveConfig, OptimConfig
@@ -39,6 +40,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw_kernel(device_types: set[str], deepspeed: bool = False) -> dict:
+    """AdamW's implementation for parameters on ``device_types``: ``fused=True`` (one kernel for all
+    parameters) when they are all on CUDA, plain tensors or FSDP2 DTensors (torch registers
+    ``_fused_adamw_`` as a DTensor pointwise op); ``foreach=True`` on CUDA under DeepSpeed, whose ZeRO
+    optimizers wrap this one and swap its parameters for flat partitions (on the CPU with offload); {} =
+    torch's default elsewhere (CPU: the per-parameter loop)."""
+    if device_types == {"cuda"}:
+        return {"foreach": True} if deepspeed else {"fused": True}
+    return {}
 
 
 class PretrainModule(L.LightningModule):
@@ -96,13 +108,22 @@ class PretrainModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "on_micro_batch_consumed"):
             dm.on_micro_batch_consumed()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        # No host-device synchronisation per step. The loss is logged as a device tensor (the loggers read it
+        # every log_every_n_steps only). A Python number passed to self.log becomes a tensor on the module's
+        # device (a blocking copy on CUDA), and a progress-bar entry, once logged, is read with .item() after
+        # every later step (Lightning's _ResultCollection.metrics): so the rest is logged on logging steps
+        # only, as host tensors, and the progress bar gets a host copy of the loss (one copy per interval).
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        if not logs_this_step(self.trainer):
+            return loss
+        if self.trainer.progress_bar_callback is not None:
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self.log("train/tokens_seen", torch.tensor(float(self.tokens_seen)), on_step=True, on_epoch=False)
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if isinstance(opt, list):  # DeepSpeed's ZeRO optimizers are not torch Optimizers: Lightning returns a list
             opt = opt[0] if opt else None
         if opt is not None:
-            self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
+            self.log("train/lr", torch.tensor(float(opt.param_groups[0]["lr"])), on_step=True, on_epoch=False)
         return loss
 
     def _val_sources(self) -> tuple[list[str] | None, list[float] | None]:
@@ -144,7 +165,10 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim_config
-        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        groups = param_groups(self.model, o.weight_decay)
+        strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
+        kernel = adamw_kernel({p.device.type for g in groups for p in g["params"]}, "DeepSpeed" in strategy)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kernel)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio)
         )

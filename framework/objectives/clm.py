@@ -25,7 +25,8 @@ class CausalLM(PretrainModule):
     def compute_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
         logits = self.model(inputs)  # (B, T, V)
-        return next_token_loss(logits, targets), torch.tensor(targets.numel(), device=batch.device)
+        # the count by a fill kernel: torch.tensor(n, device=cuda) would be a blocking host-to-device copy
+        return next_token_loss(logits, targets), torch.full((), targets.numel(), device=batch.device)
 
     def batch_tokens(self, batch: torch.Tensor) -> int:
         return batch.shape[0] * (batch.shape[1] - 1)

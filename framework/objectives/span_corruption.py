@@ -39,7 +39,8 @@ class SpanCorruption(PretrainModule):
         logits = self.model(batch["input_ids"], batch["decoder_input_ids"])  # (B, T_target, V)
         labels = batch["labels"]  # (B, T_target); no padding, every position counts
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        return loss, torch.tensor(labels.numel(), device=labels.device)
+        # the count by a fill kernel: torch.tensor(n, device=cuda) would be a blocking host-to-device copy
+        return loss, torch.full((), labels.numel(), device=labels.device)
 
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         # T5 counts pre-training tokens as encoder input tokens (sec. 3.1.2: 2^35 ~ 34B tokens = steps x 128 x 512)
