@@ -1,0 +1,422 @@
+"""Training speed per model family on one device: Lightning beside a raw PyTorch loop (issue 8).
+
+    python3 bench/train_speed.py                        # the GPU table: 124M / 350M / 1.3B causal LM, BERT-base MLM,
+                                                        # T5-base span corruption; bf16-mixed, compiled blocks
+    python3 bench/train_speed.py --rows gpt2-small:clm:32:1024 --steps 50
+    python3 bench/train_speed.py --tiny                 # CPU check at a tiny size (fp32, no compile)
+
+For every row the same model is trained twice from the same seed and weights, on the same batches in the
+same order: once through Lightning as ``framework.train`` drives it (``PretrainModule`` of the objective,
+``PretrainDataModule`` over memory-mapped token shards, ``ThroughputMonitor``, gradient clipping, the
+framework's per-block ``torch.compile``), once by a plain loop (the same ``compute_loss``, the optimizer and
+schedule from ``configure_optimizers``, the same autocast, clipping and loader). Both are timed the same way:
+the device is synchronised at the two edges of the measured window only (after the ``--warmup`` steps and
+after the last step), so the ratio of their step times is Lightning's overhead.
+
+The data are random token ids written as one uint16 shard (the framework's real loader path: ``PackedWindows``,
+``ResumableRankSampler``, the objective's collator in ``num_workers`` processes, pinned memory on CUDA), so the
+data-wait fraction (seconds blocked in the loader's ``next()`` / window seconds, counted by
+``TimedDataLoader``) is the real loader's.
+
+Columns: tokens/s = input tokens per step (``batch_tokens``: T5 counts encoder input tokens) / step time;
+F/step = FLOPs of one training step, matrix multiplies only, measured by ``FlopCounterMode`` on a meta copy
+(``measure_training_flops``; the convention of ``framework/scaling/flops.py``: attention scores Q K^T and A V
+counted over the full T x T, causal or not; recomputation not counted), so
+MFU = F/step / (step time x P) with P the device's dense peak (PaLM's model FLOPs utilization, Chowdhery et
+al. 2022, App. B); peak memory = ``torch.cuda.max_memory_allocated`` over the Lightning run; planner = the
+planner's estimate (``framework.scaling.memory.estimate_memory``, strategy auto, 1 GPU, no checkpointing);
+both in GB = 1e9 bytes. attention = the SDPA backends that accept this model's attention calls, each tried
+alone on one micro-batch (forward + backward).
+
+Imports nothing that the GPU image lacks (no hydra, datasets, wandb, deepspeed).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from framework.callbacks.throughput import ThroughputMonitor, measure_training_flops  # noqa: E402
+from framework.data.datamodule import PretrainDataModule  # noqa: E402
+from framework.data.prepare import PreparedData  # noqa: E402
+from framework.data.tokenizer import SpecialIds  # noqa: E402
+from framework.distributed.config import StrategyConfig  # noqa: E402
+from framework.distributed.parallelize import Parallelizer  # noqa: E402
+from framework.models import ModelConfig  # noqa: E402
+from framework.objectives import objective_class  # noqa: E402
+from framework.objectives.base import module_kwargs  # noqa: E402
+from framework.objectives.config import ObjectiveConfig, OptimConfig  # noqa: E402
+from framework.scaling.hardware import detect_accelerator, peak_flops  # noqa: E402
+from framework.scaling.memory import GB, PRECISION_MODES, estimate_memory  # noqa: E402
+
+SPECIAL = SpecialIds(0, 1, 2, 3, 4, tuple(range(5, 105)))
+FIRST_REGULAR_ID = 105
+# vocabularies of the reference models: GPT-2's BPE, BERT's WordPiece, T5's SentencePiece (+ 100 sentinels)
+VOCAB = {"clm": 50257, "mlm": 30522, "span_corruption": 32100}
+# issue 8's sizes: causal LM ~124M / 350M / 1.3B, BERT-base MLM, T5-base span corruption (micro-batches sized
+# for one 80 GB H100 without activation checkpointing)
+GPU_ROWS = ("gpt2-small:clm:32:1024", "gpt2-medium:clm:16:1024", "gpt-1.3b:clm:8:2048", "bert-base:mlm:64:512",
+            "t5-base:span_corruption:64:512")
+TINY_ROWS = ("tiny:clm:4:32", "bert-tiny:mlm:4:32", "t5-tiny:span_corruption:4:32")
+MODE_PRECISION = {mode: key for key, mode in PRECISION_MODES.items()}  # "bf16-mixed" -> "bf16"
+COLUMNS = ("model", "objective", "params", "seq len", "batch", "tokens/s", "MFU", "F/step", "Lightning step ms",
+           "raw step ms", "Lightning/raw", "data wait", "peak mem GB", "planner GB", "peak/planner", "attention")
+
+
+@dataclass
+class Row:
+    preset: str
+    objective: str
+    micro_batch: int
+    seq_len: int
+    vocab_size: int = 0  # 0 = the objective's reference vocabulary (VOCAB)
+
+    @classmethod
+    def parse(cls, text: str, vocab_size: int = 0) -> "Row":
+        try:
+            preset, objective, b, t = text.split(":")
+            return cls(preset, objective, int(b), int(t), vocab_size)
+        except ValueError:
+            raise SystemExit(f"--rows entry {text!r} is not preset:objective:micro_batch:seq_len "
+                             "(e.g. gpt2-small:clm:32:1024).") from None
+
+
+@dataclass
+class Options:
+    device: str = "cuda"
+    precision: str = "bf16-mixed"
+    compile: bool = True
+    warmup: int = 10  # steps before the measured window (compilation, allocator warm-up)
+    steps: int = 30  # measured steps
+    num_workers: int = -1  # data.num_workers: -1 = auto
+    gradient_clip: float = 1.0
+    log_every_n_steps: int = 10  # the framework's default (conf/trainer/default.yaml)
+    peak_flops: float = 0.0  # 0 = the device's from framework/scaling/hardware.py (none on CPU)
+    seed: int = 1234
+    raw: bool = True
+    fingerprints: bool = False  # record a checksum of every batch in both runs (tests: the same batches)
+
+
+# ------------------------------------------------------------------ data: random tokens as a memory-mapped shard
+def random_token_data(directory: Path, tokens: int, vocab_size: int, seed: int = 0) -> PreparedData:
+    """A ``PreparedData`` of ``tokens`` uniform random ids in [105, vocab_size) (no special ids), split 15:1."""
+    shard_dir = Path(directory) / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    val = max(tokens // 16, 4096)
+    for name, n in (("train_00000.bin", tokens), ("val_00000.bin", val)):
+        rng.integers(FIRST_REGULAR_ID, vocab_size, n, dtype=np.uint16).tofile(shard_dir / name)
+    meta = {"vocab_size": vocab_size, "dtype": "uint16", "tokenizer_hash": f"random-{seed}",
+            "shards": {"train": ["train_00000.bin"], "val": ["val_00000.bin"]},
+            "special_ids": dataclasses.asdict(SPECIAL)}
+    return PreparedData(Path(directory), meta)
+
+
+# ------------------------------------------------------------------ shared construction
+def build_module(row: Row, opts: Options, vocab_size: int):
+    """The objective's LightningModule from ``opts.seed`` (identical weights on every call), with the
+    framework's per-block compile as its parallelizer."""
+    cfg = ModelConfig.from_name(row.preset, vocab_size=vocab_size)
+    cls = objective_class(row.objective)
+    total = opts.warmup + opts.steps
+    optim = OptimConfig(warmup_steps=max(1, total // 10))
+    torch.manual_seed(opts.seed)
+    module = cls(**module_kwargs(cfg, optim, ObjectiveConfig(name=row.objective), SPECIAL, total, row.seq_len))
+    module.parallelizer = Parallelizer(StrategyConfig(name="auto", compile=opts.compile), opts.precision)
+    return module
+
+
+def build_datamodule(module, row: Row, opts: Options, prepared: PreparedData, num_workers: int | None = None
+                     ) -> PretrainDataModule:
+    window = type(module).window_length(row.seq_len, module.objective_config)
+    workers = opts.num_workers if num_workers is None else num_workers
+    return PretrainDataModule(prepared, window, row.micro_batch, collate_fn=module.collator(), seed=opts.seed,
+                              num_workers=workers, val_windows=row.micro_batch)
+
+
+def first_batch(module, row: Row, opts: Options, prepared: PreparedData):
+    """The first training batch both runs see (loaded in this process)."""
+    return next(iter(build_datamodule(module, row, opts, prepared, num_workers=0).train_dataloader()))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batch_fingerprint(batch) -> torch.Tensor:
+    """A position-weighted checksum of a batch's tensors, on their device (no synchronisation)."""
+    tensors = [batch[k] for k in sorted(batch)] if isinstance(batch, dict) else [batch]
+    return sum((t.long().flatten() * torch.arange(1, t.numel() + 1, device=t.device)).sum() for t in tensors)
+
+
+def _to_device(batch, device: torch.device):
+    # as Lightning's move_data_to_device: non-blocking copies to CUDA (the loader pins the memory)
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=device.type == "cuda") for k, v in batch.items()}
+    return batch.to(device, non_blocking=device.type == "cuda")
+
+
+@dataclass
+class Measurement:
+    losses: list[float]  # per step, all steps
+    step_s: float  # mean seconds per step over the measured window
+    wait_s: float  # seconds blocked in the loader's next() in the window
+    peak_bytes: float | None = None
+    fingerprints: list[int] | None = None
+
+
+class WindowTimer(L.Callback):
+    """Synchronises and reads the clock after micro-batch ``warmup`` and after the last one; keeps each step's
+    loss on the device (read once at the end, no per-step synchronisation)."""
+
+    def __init__(self, warmup: int, total: int, fingerprints: bool = False) -> None:
+        self.warmup, self.total, self.record_fingerprints = warmup, total, fingerprints
+        self.losses: list[torch.Tensor] = []
+        self.fingerprints: list[torch.Tensor] = []
+        self.edges: list[tuple[float, float]] = []  # (seconds, loader wait seconds)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].detach())
+        if self.record_fingerprints:
+            self.fingerprints.append(batch_fingerprint(batch))
+        if len(self.losses) in (self.warmup, self.total):
+            _sync(pl_module.device)
+            self.edges.append((time.perf_counter(), float(getattr(trainer.train_dataloader, "wait_s", 0.0))))
+
+
+def run_lightning(row: Row, opts: Options, prepared: PreparedData) -> tuple[Measurement, dict]:
+    module = build_module(row, opts, prepared.vocab_size)
+    datamodule = build_datamodule(module, row, opts, prepared)
+    total = opts.warmup + opts.steps
+    timer = WindowTimer(opts.warmup, total, opts.fingerprints)
+    monitor = ThroughputMonitor(window=opts.steps, peak_flops_per_device=opts.peak_flops)
+    device = torch.device(opts.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = L.Trainer(
+        max_steps=total, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=opts.precision,
+        gradient_clip_val=opts.gradient_clip or None, logger=False, callbacks=[timer, monitor],
+        log_every_n_steps=opts.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=datamodule)
+    (t0, w0), (t1, w1) = timer.edges
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    batch = first_batch(module, row, opts, prepared)
+    info = {"flops_per_step": monitor.flops_per_micro_batch or measure_training_flops(module, batch),
+            "params": module.model_config.num_parameters(), "tokens_per_step": module.batch_tokens(batch),
+            "batch_shapes": {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else list(batch.shape)}
+    if isinstance(batch, dict) and "labels" in batch and row.objective == "span_corruption":
+        info["target_len"] = int(batch["labels"].shape[1])
+    measurement = Measurement([float(x) for x in torch.stack(timer.losses).cpu()], (t1 - t0) / opts.steps, w1 - w0, peak,
+                              [int(x) for x in timer.fingerprints])
+    del trainer, module
+    return measurement, info
+
+
+def run_raw(row: Row, opts: Options, prepared: PreparedData) -> Measurement:
+    """The same model, batches, optimizer, schedule, autocast, clipping and compile, in a plain loop."""
+    device = torch.device(opts.device)
+    module = build_module(row, opts, prepared.vocab_size)
+    module.parallelizer(module.model, None)  # per-block compile, as configure_model does
+    module.to(device).train()
+    config = module.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # Lightning clips these
+    loader = build_datamodule(module, row, opts, prepared).train_dataloader()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if opts.precision == "bf16-mixed"
+                else torch.autocast(device.type, dtype=torch.float16) if opts.precision == "16-mixed"
+                else contextlib.nullcontext())
+    total = opts.warmup + opts.steps
+    losses, edges, fingerprints = [], [], []
+    batches = iter(loader)
+    for step in range(1, total + 1):
+        batch = _to_device(next(batches), device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss, _ = module.compute_loss(batch)
+        loss.backward()
+        if opts.gradient_clip:
+            torch.nn.utils.clip_grad_norm_(params, opts.gradient_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.detach())
+        if opts.fingerprints:
+            fingerprints.append(batch_fingerprint(batch))
+        if step in (opts.warmup, total):
+            _sync(device)
+            edges.append((time.perf_counter(), loader.wait_s))
+    (t0, w0), (t1, w1) = edges
+    measurement = Measurement([float(x) for x in torch.stack(losses).cpu()], (t1 - t0) / opts.steps, w1 - w0,
+                              fingerprints=[int(x) for x in fingerprints])
+    del module, optimizer
+    return measurement
+
+
+def attention_backends(row: Row, opts: Options, prepared: PreparedData) -> str:
+    """The SDPA backends that accept this model's attention calls: each one alone, forward + backward of one
+    eager micro-batch of 1 sequence under the run's autocast. 'n/a' on CPU (only the C++ math/flash CPU kernels)."""
+    device = torch.device(opts.device)
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    one = dataclasses.replace(row, micro_batch=1)
+    module = build_module(one, opts, prepared.vocab_size).to(device)
+    batch = _to_device(first_batch(module, one, opts, prepared), device)
+    ok = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]), torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = module.compute_loss(batch)
+            loss.backward()
+            ok.append(backend.name.replace("_ATTENTION", "").lower())
+        except RuntimeError:
+            pass
+        module.zero_grad(set_to_none=True)
+    del module
+    return "+".join(ok) or "math only"
+
+
+# ------------------------------------------------------------------ one row, the table
+def peak_for(opts: Options) -> tuple[float | None, str]:
+    if opts.peak_flops > 0:
+        return opts.peak_flops, "--peak-flops"
+    if opts.device.startswith("cuda"):
+        gpu = detect_accelerator()
+        if gpu is not None:
+            return peak_flops(gpu, opts.precision), f"{gpu} {opts.precision} dense peak"
+    return None, "unknown on this device (give --peak-flops)"
+
+
+def bench_row(row: Row, opts: Options, prepared: PreparedData) -> dict:
+    lightning, info = run_lightning(row, opts, prepared)
+    raw = run_raw(row, opts, prepared) if opts.raw else None
+    attention = attention_backends(row, opts, prepared)
+    gc.collect()
+    if opts.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    cfg = ModelConfig.from_name(row.preset, vocab_size=prepared.vocab_size)
+    planner = estimate_memory(cfg, info["params"], "auto", MODE_PRECISION.get(opts.precision, "fp32"), 1,
+                              row.micro_batch, row.seq_len, target_len=info.get("target_len"))
+    peak, _ = peak_for(opts)
+    step_s = lightning.step_s
+    result = {
+        "model": row.preset, "objective": row.objective, "params": info["params"], "seq_len": row.seq_len,
+        "target_len": info.get("target_len"), "micro_batch": row.micro_batch, "vocab_size": prepared.vocab_size,
+        "padded_vocab_size": cfg.padded_vocab_size, "tokens_per_step": info["tokens_per_step"],
+        "tokens_per_sec": info["tokens_per_step"] / step_s, "flops_per_step": info["flops_per_step"],
+        "peak_flops": peak, "mfu": info["flops_per_step"] / (step_s * peak) if peak else None,
+        "lightning_step_s": step_s, "raw_step_s": raw.step_s if raw else None,
+        "lightning_over_raw": step_s / raw.step_s if raw else None,
+        "data_wait_fraction": lightning.wait_s / (step_s * opts.steps),
+        "raw_data_wait_fraction": raw.wait_s / (raw.step_s * opts.steps) if raw else None,
+        "peak_memory_gb": lightning.peak_bytes / GB if lightning.peak_bytes is not None else None,
+        "planner_memory_gb": planner.total / GB, "attention": attention,
+        "lightning_losses": lightning.losses, "raw_losses": raw.losses if raw else None,
+        "lightning_batches": lightning.fingerprints, "raw_batches": raw.fingerprints if raw else None,
+        "device": torch.cuda.get_device_name(0) if opts.device.startswith("cuda") else "cpu",
+        "precision": opts.precision, "compile": opts.compile, "warmup": opts.warmup, "steps": opts.steps,
+    }
+    return result
+
+
+def _fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(results: list[dict], opts: Options) -> str:
+    peak, source = peak_for(opts)
+    lines = [
+        f"MFU = F/step / (Lightning step time x P); F/step = FLOPs of one training step (forward + backward, matrix "
+        f"multiplies only, attention scores Q.K^T and A.V included over the full T x T, no recomputation; "
+        f"FlopCounterMode on a meta copy); P = {_fmt(peak, '.4g')} FLOP/s ({source}). tokens/s from the "
+        f"Lightning step time; data wait = loader next() seconds / window seconds (Lightning run); memory in GB "
+        f"= 1e9 bytes; {opts.precision}, compile={opts.compile}, {opts.warmup} warm-up + {opts.steps} measured steps.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("model", "objective", "attention") else "---:" for c in COLUMNS) + "|",
+    ]
+    for r in results:
+        seq = f"{r['seq_len']}/{r['target_len']}" if r.get("target_len") else str(r["seq_len"])
+        ratio = r["peak_memory_gb"] / r["planner_memory_gb"] if r["peak_memory_gb"] is not None else None
+        cells = [r["model"], r["objective"], f"{r['params']:,}", seq, str(r["micro_batch"]),
+                 f"{r['tokens_per_sec']:,.0f}", _fmt(r["mfu"], ".4f"), f"{r['flops_per_step']:.4e}",
+                 f"{r['lightning_step_s'] * 1e3:.2f}", _fmt(r["raw_step_s"] and r["raw_step_s"] * 1e3, ".2f"),
+                 _fmt(r["lightning_over_raw"], ".4f"), f"{r['data_wait_fraction']:.4f}",
+                 _fmt(r["peak_memory_gb"], ".2f"), f"{r['planner_memory_gb']:.2f}", _fmt(ratio, ".3f"), r["attention"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """The rows of a table ``format_table`` printed, as {column: cell} (for tests and for merging runs)."""
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in rows[1:]]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", help="preset:objective:micro_batch:seq_len (default: issue 8's five rows)")
+    parser.add_argument("--tiny", action="store_true", help="CPU check: tiny presets, fp32, no compile, few steps")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--precision", default=None, help="Lightning precision (default bf16-mixed; --tiny: 32-true)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw PyTorch loop")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--num-workers", type=int, default=-1, help="data.num_workers (-1 = auto)")
+    parser.add_argument("--vocab-size", type=int, default=0, help="one vocabulary for every row (0 = per objective)")
+    parser.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s of the device (default: table)")
+    parser.add_argument("--jsonl", default="", help="append each row's full result (losses included) here")
+    parser.add_argument("--data-dir", default="", help="where the random-token shard is written (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA device is visible; use --device cpu (or --tiny).")
+    opts = Options(device=device, precision=args.precision or ("32-true" if args.tiny or device == "cpu" else "bf16-mixed"),
+                   compile=not (args.no_compile or args.tiny or device == "cpu"), raw=not args.no_raw,
+                   warmup=args.warmup if args.warmup is not None else (2 if args.tiny else 10),
+                   steps=args.steps if args.steps is not None else (4 if args.tiny else 30),
+                   num_workers=args.num_workers, peak_flops=args.peak_flops)
+    if opts.warmup < 1 or opts.steps < 1:
+        raise SystemExit("--warmup and --steps must be at least 1 (the window's first edge follows a warm-up step).")
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
+    rows = [Row.parse(r, args.vocab_size) for r in (args.rows or (TINY_ROWS if args.tiny else GPU_ROWS))]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = Path(args.data_dir or tmp)
+        total = opts.warmup + opts.steps
+        for row in rows:
+            vocab = row.vocab_size or (512 if args.tiny else VOCAB[row.objective])
+            window = objective_class(row.objective).window_length(row.seq_len, ObjectiveConfig(name=row.objective))
+            tokens = 2 * total * row.micro_batch * window + 8 * window  # two epochs' worth never needed; slack
+            prepared = random_token_data(data_root / f"{row.preset}-{row.objective}-{vocab}", tokens, vocab, opts.seed)
+            result = bench_row(row, opts, prepared)
+            results.append(result)
+            print(format_table([result], opts).splitlines()[-1], flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+    print()
+    print(format_table(results, opts))
+    return results
+
+
+if __name__ == "__main__":
+    main()
