@@ -174,7 +174,7 @@ def test_tiny_run_logs_per_source_tokens_and_val_losses(compose, code_paths, tmp
     weights = {"code": 0.51, "prose": 0.49}
     cfg = to_run_config(compose(_mixture_overrides(code_paths) + [
         "trainer.max_steps=20", "trainer.log_every_n_steps=1", "trainer.val_check_interval=10",
-        "callbacks.throughput=false", "callbacks.model_card=false"]))
+        "callbacks.throughput=false"]))
     metrics = run(cfg, tmp_path)
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     last = [r for r in rows if r.get("train/tokens_seen/code")][-1]
@@ -191,6 +191,8 @@ def test_tiny_run_logs_per_source_tokens_and_val_losses(compose, code_paths, tmp
     assert metrics["val_loss_nats"] == pytest.approx(sum(w * per_source[n] for n, w in weights.items()), rel=1e-5)
     saved = json.loads((tmp_path / "final_metrics.json").read_text())
     assert saved["val_loss_nats/prose"] == per_source["prose"]
+    card = (tmp_path / "README.md").read_text()  # the model card names each source with its share
+    assert "a mixture of training tokens: 51% code (local files:" in card and "49% prose (docstrings" in card
 
 
 class _StopAt(L.Callback):

@@ -55,14 +55,21 @@ class ModelCardInfo:
 
 def describe_data(data_cfg: Any, meta: dict | None = None) -> dict:
     """The facts about a run's data a card states, from its DataConfig and the prepared data's meta.json."""
-    if data_cfg.source == "stdlib":
+    mixture = bool(getattr(data_cfg, "mixture", None))
+    if mixture:  # each source described, with its share of the training tokens
+        from framework.data.mixture import mixture_weights, source_config
+
+        description = "a mixture of training tokens: " + "; ".join(
+            f"{weight:.0%} {name} ({describe_data(source_config(data_cfg, name))['description']})"
+            for name, weight in mixture_weights(data_cfg).items())
+    elif data_cfg.source == "stdlib":
         description = "docstrings and pydoc topics of the Python standard library, the embedded corpus"
     elif data_cfg.source == "files":
         description = "local files: " + ", ".join(map(str, data_cfg.paths))
     else:
         description = f"Hugging Face dataset {data_cfg.hub_name}" + (f" ({data_cfg.hub_config})" if data_cfg.hub_config
                                                                       else "") + f", split {data_cfg.hub_split}"
-    out = {"source": data_cfg.source, "description": description, "seq_len": data_cfg.seq_len}
+    out = {"source": "mixture" if mixture else data_cfg.source, "description": description, "seq_len": data_cfg.seq_len}
     if data_cfg.max_documents:
         out["max_documents"] = data_cfg.max_documents
     if meta:
