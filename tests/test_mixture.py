@@ -16,12 +16,11 @@ import torch
 from framework.config import to_run_config
 from framework.data.config import DataConfig, SourceSpec
 from framework.data.mixture import (MixtureDataModule, MixtureSampler, MixtureSchedule, mixture_weights,
-                                    prepare_mixture, tolerance_windows)
+                                    prepare_mixture, source_config, tolerance_windows)
 
 
 def _shares_deviation(sources: list[int], weights: list[float]) -> float:
     """max over prefixes n and sources i of |c_i(n) - w_i n| for a stream of source ids."""
-    counts = torch.zeros(len(weights), dtype=torch.float64)
     onehot = torch.nn.functional.one_hot(torch.tensor(sources), len(weights)).double()  # (n, k)
     counts = onehot.cumsum(0)  # (n, k): c_i after each prefix
     n = torch.arange(1, len(sources) + 1, dtype=torch.float64)[:, None]
@@ -102,6 +101,19 @@ def code_paths(tmp_path_factory) -> list[str]:
 def _mixture_overrides(code_paths: list[str], weights=(0.51, 0.49)) -> list[str]:
     return [f"data.sources={{code:{{source:files,paths:[{code_paths[0]}]}},prose:{{source:stdlib,max_documents:400}}}}",
             f"data.mixture={{code:{weights[0]},prose:{weights[1]}}}"]
+
+
+def test_issue_command_line_and_example_config_compose(compose):
+    issue = to_run_config(compose(["data.sources={legal:{source:licenses},general:{source:stdlib}}",
+                                   "data.mixture={legal:0.51,general:0.49}"])).data
+    example = to_run_config(compose(["data=mixture_example"])).data
+    for cfg in (issue, example):
+        legal, general = source_config(cfg, "legal"), source_config(cfg, "general")
+        assert (legal.source, general.source) == ("licenses", "stdlib")
+        assert legal.max_documents == cfg.max_documents == 800 and legal.val_fraction == cfg.val_fraction  # inherited
+        assert mixture_weights(cfg) == pytest.approx({"legal": 0.51, "general": 0.49})
+    with pytest.raises(Exception, match="sourc"):  # a misspelt source field is an error, not a new key
+        compose(["data.sources={legal:{sourc:licenses}}"])
 
 
 def test_command_line_and_shared_tokenizer(compose, code_paths):

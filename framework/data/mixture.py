@@ -32,7 +32,7 @@ import hashlib
 import json
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -161,9 +161,9 @@ def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
         "documents": {s: sum(p.meta["documents"][s] for p in parts.values()) for s in ("train", "val")},
         "tokens": {s: sum(p.meta["tokens"][s] for p in parts.values()) for s in ("train", "val")},
         "val_unigram_entropy_nats": sum(weights[n] * parts[n].meta["val_unigram_entropy_nats"] for n in names),
-        "sources": {n: {"directory": str(parts[n].directory), "weight": weights[n], "documents": parts[n].meta["documents"],
-                        "tokens": parts[n].meta["tokens"],
-                        "val_unigram_entropy_nats": parts[n].meta["val_unigram_entropy_nats"]} for n in names},
+        "sources": {n: {"directory": str(parts[n].directory), "weight": weights[n],
+                        **{k: parts[n].meta[k] for k in ("documents", "tokens", "val_unigram_entropy_nats")}}
+                    for n in names},
     }
     return PreparedMixture(names, [weights[n] for n in names], parts, tokenizer_path, meta)
 
