@@ -204,7 +204,9 @@ def run_lightning(row: Row, opts: Options, prepared: PreparedData) -> tuple[Meas
     timer = WindowTimer(opts.warmup, total, opts.fingerprints)
     monitor = ThroughputMonitor(window=opts.steps, peak_flops_per_device=opts.peak_flops)
     device = torch.device(opts.device)
-    if device.type == "cuda":
+    baseline = 0
+    if device.type == "cuda":  # peak over this run only: what earlier rows left allocated is subtracted
+        baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     trainer = L.Trainer(
         max_steps=total, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=opts.precision,
@@ -213,7 +215,7 @@ def run_lightning(row: Row, opts: Options, prepared: PreparedData) -> tuple[Meas
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
     trainer.fit(module, datamodule=datamodule)
     (t0, w0), (t1, w1) = timer.edges
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
     batch = first_batch(module, row, opts, prepared)
     info = {"flops_per_step": monitor.flops_per_micro_batch or measure_training_flops(module, batch),
             "params": module.model_config.num_parameters(), "tokens_per_step": module.batch_tokens(batch),
@@ -305,6 +307,7 @@ def bench_row(row: Row, opts: Options, prepared: PreparedData) -> dict:
     lightning, info = run_lightning(row, opts, prepared)
     raw = run_raw(row, opts, prepared) if opts.raw else None
     attention = attention_backends(row, opts, prepared)
+    torch._dynamo.reset()  # compiled blocks of this row's modules are not reused; let them go
     gc.collect()
     if opts.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -356,7 +359,7 @@ def format_table(results: list[dict], opts: Options) -> str:
                  f"{r['tokens_per_sec']:,.0f}", _fmt(r["mfu"], ".4f"), f"{r['flops_per_step']:.4e}",
                  f"{r['lightning_step_s'] * 1e3:.2f}", _fmt(r["raw_step_s"] and r["raw_step_s"] * 1e3, ".2f"),
                  _fmt(r["lightning_over_raw"], ".4f"), f"{r['data_wait_fraction']:.4f}",
-                 _fmt(r["peak_memory_gb"], ".2f"), f"{r['planner_memory_gb']:.2f}", _fmt(ratio, ".3f"), r["attention"]]
+                 _fmt(r["peak_memory_gb"], ".3g"), f"{r['planner_memory_gb']:.3g}", _fmt(ratio, ".3f"), r["attention"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -383,7 +386,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s of the device (default: table)")
     parser.add_argument("--jsonl", default="", help="append each row's full result (losses included) here")
     parser.add_argument("--data-dir", default="", help="where the random-token shard is written (default: a temp dir)")
+    parser.add_argument("--table-from", nargs="+", default=[], help="print the table of rows saved by --jsonl, run nothing")
     args = parser.parse_args(argv)
+    if args.table_from:
+        saved = [json.loads(line) for path in args.table_from for line in Path(path).read_text().splitlines() if line]
+        first = saved[0]
+        opts = Options(device="cuda" if first["device"] != "cpu" else "cpu", precision=first["precision"],
+                       compile=first["compile"], warmup=first["warmup"], steps=first["steps"],
+                       peak_flops=first["peak_flops"] or 0.0)
+        print(f"device: {first['device']}")
+        print(format_table(saved, opts))
+        return saved
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
