@@ -48,7 +48,7 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from framework.callbacks.throughput import ThroughputMonitor, measure_training_flops  # noqa: E402
+from framework.callbacks.throughput import ThroughputMonitor, measure_training_flops, resolve_peak_flops  # noqa: E402
 from framework.data.datamodule import PretrainDataModule  # noqa: E402
 from framework.data.prepare import PreparedData  # noqa: E402
 from framework.data.tokenizer import SpecialIds  # noqa: E402
@@ -58,7 +58,7 @@ from framework.models import ModelConfig  # noqa: E402
 from framework.objectives import objective_class  # noqa: E402
 from framework.objectives.base import module_kwargs  # noqa: E402
 from framework.objectives.config import ObjectiveConfig, OptimConfig  # noqa: E402
-from framework.scaling.hardware import detect_accelerator, peak_flops  # noqa: E402
+from framework.scaling.hardware import detect_accelerator  # noqa: E402
 from framework.scaling.memory import GB, PRECISION_MODES, estimate_memory  # noqa: E402
 
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, tuple(range(5, 105)))
@@ -107,6 +107,7 @@ class Options:
     seed: int = 1234
     raw: bool = True
     fingerprints: bool = False  # record a checksum of every batch in both runs (tests: the same batches)
+    profile_dir: str = ""  # profile the last PROFILE_STEPS warm-up steps of the Lightning run into this folder
 
 
 # ------------------------------------------------------------------ data: random tokens as a memory-mapped shard
@@ -178,6 +179,39 @@ class Measurement:
     fingerprints: list[int] | None = None
 
 
+PROFILE_STEPS = 3
+
+
+class ProfileWarmupSteps(L.Callback):
+    """torch.profiler over the last ``PROFILE_STEPS`` warm-up micro-batches (after compilation, before the
+    timed window, so the timing is not disturbed): writes a Chrome trace and the top operators by device
+    time (CPU time on a CPU) to ``directory``."""
+
+    def __init__(self, directory: Path, warmup: int, name: str) -> None:
+        self.directory, self.name = Path(directory), name
+        self.first, self.last = warmup - PROFILE_STEPS, warmup - 1  # 0-based batch indices
+        self.profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.last and self.profiler is not None:
+            _sync(pl_module.device)
+            self.profiler.__exit__(None, None, None)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.profiler.export_chrome_trace(str(self.directory / f"{self.name}.trace.json"))
+            sort = "self_cuda_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
+            table = self.profiler.key_averages().table(sort_by=sort, row_limit=25)
+            (self.directory / f"{self.name}.top_ops.txt").write_text(table)
+            self.profiler = None
+
+
 class WindowTimer(L.Callback):
     """Synchronises and reads the clock after micro-batch ``warmup`` and after the last one; keeps each step's
     loss on the device (read once at the end, no per-step synchronisation)."""
@@ -203,6 +237,9 @@ def run_lightning(row: Row, opts: Options, prepared: PreparedData) -> tuple[Meas
     total = opts.warmup + opts.steps
     timer = WindowTimer(opts.warmup, total, opts.fingerprints)
     monitor = ThroughputMonitor(window=opts.steps, peak_flops_per_device=opts.peak_flops)
+    callbacks = [timer, monitor]
+    if opts.profile_dir:  # first: its trace is written before the timer's first edge
+        callbacks.insert(0, ProfileWarmupSteps(Path(opts.profile_dir), opts.warmup, f"{row.preset}-{row.objective}"))
     device = torch.device(opts.device)
     baseline = 0
     if device.type == "cuda":  # peak over this run only: what earlier rows left allocated is subtracted
@@ -210,7 +247,7 @@ def run_lightning(row: Row, opts: Options, prepared: PreparedData) -> tuple[Meas
         torch.cuda.reset_peak_memory_stats(device)
     trainer = L.Trainer(
         max_steps=total, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=opts.precision,
-        gradient_clip_val=opts.gradient_clip or None, logger=False, callbacks=[timer, monitor],
+        gradient_clip_val=opts.gradient_clip or None, logger=False, callbacks=callbacks,
         log_every_n_steps=opts.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
     trainer.fit(module, datamodule=datamodule)
@@ -294,13 +331,12 @@ def attention_backends(row: Row, opts: Options, prepared: PreparedData) -> str:
 
 # ------------------------------------------------------------------ one row, the table
 def peak_for(opts: Options) -> tuple[float | None, str]:
+    """The device's dense peak FLOP/s for the run's precision, as the throughput callback resolves it."""
     if opts.peak_flops > 0:
         return opts.peak_flops, "--peak-flops"
-    if opts.device.startswith("cuda"):
-        gpu = detect_accelerator()
-        if gpu is not None:
-            return peak_flops(gpu, opts.precision), f"{gpu} {opts.precision} dense peak"
-    return None, "unknown on this device (give --peak-flops)"
+    gpu = detect_accelerator() if opts.device.startswith("cuda") else None
+    peak, source = resolve_peak_flops(gpu, opts.precision)
+    return peak, (f"{source} dense" if peak else "unknown on this device (give --peak-flops)")
 
 
 def bench_row(row: Row, opts: Options, prepared: PreparedData) -> dict:
@@ -386,6 +422,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s of the device (default: table)")
     parser.add_argument("--jsonl", default="", help="append each row's full result (losses included) here")
     parser.add_argument("--data-dir", default="", help="where the random-token shard is written (default: a temp dir)")
+    parser.add_argument("--profile", default="", help="folder for a torch.profiler trace + top-ops table of the "
+                        f"last {PROFILE_STEPS} warm-up steps of each Lightning run (needs --warmup > {PROFILE_STEPS})")
     parser.add_argument("--table-from", nargs="+", default=[], help="print the table of rows saved by --jsonl, run nothing")
     args = parser.parse_args(argv)
     if args.table_from:
@@ -405,9 +443,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    compile=not (args.no_compile or args.tiny or device == "cpu"), raw=not args.no_raw,
                    warmup=args.warmup if args.warmup is not None else (2 if args.tiny else 10),
                    steps=args.steps if args.steps is not None else (4 if args.tiny else 30),
-                   num_workers=args.num_workers, peak_flops=args.peak_flops)
+                   num_workers=args.num_workers, peak_flops=args.peak_flops, profile_dir=args.profile)
     if opts.warmup < 1 or opts.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1 (the window's first edge follows a warm-up step).")
+    if opts.profile_dir and opts.warmup <= PROFILE_STEPS:
+        raise SystemExit(f"--profile traces the last {PROFILE_STEPS} warm-up steps after the first one; "
+                         f"use --warmup {PROFILE_STEPS + 2} or more.")
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
     rows = [Row.parse(r, args.vocab_size) for r in (args.rows or (TINY_ROWS if args.tiny else GPU_ROWS))]

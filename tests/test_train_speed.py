@@ -88,6 +88,21 @@ def test_table_has_every_column_and_its_figures_recompute(tiny_results):
         ModelConfig.from_name("t5-tiny", vocab_size=VOCAB), 4, 32, 8)
 
 
+def test_cli_end_to_end_with_profile(tmp_path, capsys):
+    """main(): the table printed, the row saved, the warm-up profile written, and the saved row re-tabled."""
+    jsonl = tmp_path / "rows.jsonl"
+    ts.main(["--tiny", "--rows", "tiny:clm:2:16", "--warmup", "4", "--steps", "1", "--no-raw", "--peak-flops", "1e11",
+             "--profile", str(tmp_path / "prof"), "--jsonl", str(jsonl), "--data-dir", str(tmp_path / "data")])
+    printed = ts.parse_table(capsys.readouterr().out.split("\n\n")[-1])
+    assert [r["model"] for r in printed] == ["tiny"] and printed[0]["raw step ms"] == "n/a"
+    assert "aten::mm" in (tmp_path / "prof" / "tiny-clm.top_ops.txt").read_text()
+    assert (tmp_path / "prof" / "tiny-clm.trace.json").stat().st_size > 0
+    ts.main(["--table-from", str(jsonl)])
+    assert ts.parse_table(capsys.readouterr().out)[0]["MFU"] == printed[0]["MFU"]
+    with pytest.raises(SystemExit, match="--warmup 5 or more"):
+        ts.main(["--tiny", "--warmup", "3", "--profile", str(tmp_path / "prof")])
+
+
 def test_cli_refuses_bad_rows_and_missing_gpu():
     with pytest.raises(SystemExit, match="preset:objective:micro_batch:seq_len"):
         ts.Row.parse("gpt2-small:clm:32")
