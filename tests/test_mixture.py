@@ -16,7 +16,7 @@ import torch
 from framework.config import to_run_config
 from framework.data.config import DataConfig, SourceSpec
 from framework.data.mixture import (MixtureDataModule, MixtureSampler, MixtureSchedule, mixture_weights,
-                                    prepare_mixture, source_config, tolerance_windows)
+                                    prepare_mixture, source_config, tijdeman_sequence, tolerance_windows)
 
 
 def _shares_deviation(sources: list[int], weights: list[float]) -> float:
@@ -27,12 +27,13 @@ def _shares_deviation(sources: list[int], weights: list[float]) -> float:
     return float((counts - n * torch.tensor(weights, dtype=torch.float64)).abs().max())
 
 
-@pytest.mark.parametrize("weights", [[0.51, 0.49], [0.7, 0.2, 0.1]])
+@pytest.mark.parametrize("weights", [[0.51, 0.49], [0.7, 0.2, 0.1], [0.3141, 0.2718, 0.4141]])
 def test_token_share_within_tolerance_at_every_prefix(weights):
     sampler = MixtureSampler(["a", "b", "c"][: len(weights)], weights, [97, 31, 11][: len(weights)], seed=3, rank=0,
-                             world_size=1, start_counts=[0] * len(weights))
+                             world_size=1)
     stream = iter(sampler)
     sources = [next(stream)[0] for _ in range(10_000)]  # all windows have one length: window share = token share
+    assert MixtureSchedule(weights).period == {2: 100, 3: 10 if weights[0] == 0.7 else 10_000}[len(weights)]
     tol = tolerance_windows(weights)
     assert tol == {2: 0.5, 3: 0.75}[len(weights)]  # Tijdeman's bound 1 - 1/(2k - 2)
     assert _shares_deviation(sources, weights) <= tol + 1e-9
@@ -44,14 +45,19 @@ def test_token_share_within_tolerance_at_every_prefix(weights):
 def test_schedule_bound_holds_for_many_sources_and_zero_weights():
     weights = [0.4, 0.0, 0.25, 0.15, 0.1, 0.06, 0.04]  # a zero weight is never drawn and not counted in k
     schedule = MixtureSchedule(weights)
-    sources = [schedule.next() for _ in range(5_000)]
-    assert 1 not in sources
-    assert _shares_deviation(sources, weights) <= tolerance_windows(weights) + 1e-9 == 1 - 1 / 10 + 1e-9
+    assert schedule.period == 100 and schedule.quanta == [40, 0, 25, 15, 10, 6, 4]  # 10^6 w_i / gcd 10^4
+    # the periodic look-up equals the rule applied position by position, across several periods
+    direct = tijdeman_sequence(schedule.quanta, 3 * schedule.period + 17)
+    assert [schedule.source(g)[0] for g in range(len(direct))] == direct
+    for g in (0, 1, 99, 100, 177, 316):
+        assert schedule.counts(g) == [direct[:g].count(i) for i in range(len(weights))]
+        assert schedule.source(g)[1] == direct[:g].count(direct[g])  # the draw index within that source
+    assert 1 not in direct
+    assert _shares_deviation(direct, weights) <= tolerance_windows(weights) + 1e-9 == 1 - 1 / 10 + 1e-9
 
 
-def _merged(names, weights, sizes, world, per_rank, start_counts=None, seed=5):
+def _merged(names, weights, sizes, world, per_rank, start=0, seed=5):
     """Each rank's first ``per_rank`` samples, and all ranks' samples in global order."""
-    start = start_counts or [0] * len(weights)
     streams = []
     for rank in range(world):
         it = iter(MixtureSampler(names, weights, sizes, seed, rank, world, start))
@@ -74,11 +80,11 @@ def test_resume_mid_stream_and_two_ranks_disjoint():
         assert all(sorted(e) == list(range(size)) for e in epochs)
         orders.append(epochs)
     assert len(orders[2]) >= 10 and orders[2][0] != orders[2][1]
-    # resume after 123 micro-batch samples per rank: counters from replay == counters stored; same continuation
+    # resume after 123 samples per rank: the per-source counts follow from the position; same continuation
     consumed = 123
-    schedule = MixtureSchedule.replay(weights, 2 * consumed)
-    assert schedule.counts == [sum(1 for s, _, _ in merged[: 2 * consumed] if s == i) for i in range(3)]
-    resumed, _ = _merged(names, weights, sizes, world=2, per_rank=400 - consumed, start_counts=schedule.counts)
+    assert MixtureSchedule(weights).counts(2 * consumed) == [
+        sum(1 for s, _, _ in merged[: 2 * consumed] if s == i) for i in range(3)]
+    resumed, _ = _merged(names, weights, sizes, world=2, per_rank=400 - consumed, start=consumed)
     for rank in range(2):
         assert resumed[rank] == full[rank][consumed:]
 

@@ -17,19 +17,23 @@ guarantees, at EVERY prefix of ``n`` windows,
 
     |c_i(n) - w_i n| <= 1 - 1 / (2k - 2)  windows      (1/2 for two sources, 3/4 for three; < 1 always)
 
-with the weights quantised to multiples of 1e-12 so the rule runs in exact integer arithmetic (the same
-choice on every rank and after every resume). Within a source, windows are drawn in a seeded permutation
-per epoch of that source; each source rolls over its epochs independently (a small source repeats).
+with the normalised weights taken as integers over 10^6 (exact for weights of up to six decimals, else each
+within 1e-6), so the rule runs in exact integer arithmetic, the same on every rank. With integer weights the
+sequence is periodic (``MixtureSchedule``), so the source of any position and every source's count at it
+are O(1) look-ups. Within a source, windows are drawn in a seeded permutation per epoch of that source;
+each source rolls over its epochs independently (a small source repeats: ``source_epochs``).
 
-Resume: the state is the stream position plus the per-source counters at it (recomputable by replaying
-the schedule); a resumed run reads the same windows in the same order as an uninterrupted one.
+Resume: the state is the global stream position (all ranks' windows); the per-source counts follow from
+it, so a resumed run reads the same windows in the same order as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import time
 import zlib
 from collections.abc import Iterator
@@ -47,7 +51,7 @@ from framework.data.datamodule import PackedWindows, PretrainDataModule
 from framework.data.prepare import FORMAT_VERSION, PreparedData, _file_lock, _train_texts, prepare_data
 from framework.data.sources import source_fingerprint
 
-WEIGHT_DENOMINATOR = 10**12  # weights are integers over this in the schedule: exact and identical on every rank
+WEIGHT_RESOLUTION = 10**6  # the schedule's weights are integers over this (then reduced): exact on every rank
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -170,50 +174,85 @@ def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
 
 # ----------------------------------------------------------------------------- the schedule
 def quantise_weights(weights: list[float]) -> list[int]:
-    """Weights as integers summing to ``WEIGHT_DENOMINATOR`` (largest remainders; each off by < 1e-12)."""
-    scaled = [w * WEIGHT_DENOMINATOR for w in weights]
-    out = [int(s) for s in scaled]
-    for i in sorted(range(len(out)), key=lambda i: out[i] - scaled[i])[: WEIGHT_DENOMINATOR - sum(out)]:
+    """Normalised weights as integers summing to ``WEIGHT_RESOLUTION`` (largest remainders: each within 1e-6,
+    exact for weights with at most six decimals), divided by their greatest common divisor."""
+    scaled = [w * WEIGHT_RESOLUTION for w in weights]
+    out = [int(x) for x in scaled]
+    for i in sorted(range(len(out)), key=lambda i: out[i] - scaled[i])[: WEIGHT_RESOLUTION - sum(out)]:
         out[i] += 1
+    tiny = [i for i, (w, q) in enumerate(zip(weights, out)) if w > 0 and q == 0]
+    if tiny:
+        raise ValueError(f"mixture weights {[weights[i] for i in tiny]} are below the schedule's resolution of "
+                         f"1/{WEIGHT_RESOLUTION:,}; give those sources 0 or at least 1e-6.")
+    divisor = math.gcd(*out)
+    return [q // divisor for q in out]
+
+
+def tijdeman_sequence(quanta: list[int], length: int) -> list[int]:
+    """The source of each of the first ``length`` positions for weights ``quanta / sum(quanta)`` (integers).
+
+    Tijdeman's rule: at position n (1-based), with c_i windows given so far, the sources whose deficit
+    w_i n - c_i >= delta = 1/(2k - 2) are eligible; the one with the earliest deadline (c_i + 1 - delta) / w_i
+    (when its deficit would reach 1 - delta) is chosen, the lowest index on a tie. In integers, T = sum(quanta),
+    m = 2k - 2: eligible iff m (q_i n - c_i T) >= T; deadline order = order of ((c_i + 1) m - 1) / q_i."""
+    total = sum(quanta)
+    active = [i for i, q in enumerate(quanta) if q > 0]
+    m = max(1, 2 * len(active) - 2)
+    counts, out = [0] * len(quanta), []
+    for n in range(1, length + 1):
+        best, best_num, best_q = active[0], None, 1
+        for i in active:
+            q, c = quanta[i], counts[i]
+            if len(active) > 1 and m * (q * n - c * total) < total:
+                continue
+            num = (c + 1) * m - 1
+            if best_num is None or num * best_q < best_num * q:
+                best, best_num, best_q = i, num, q
+        counts[best] += 1
+        out.append(best)
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _period(quanta: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return _build_period(list(quanta))
+
+
+def _build_period(quanta: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    sources = np.asarray(tijdeman_sequence(quanta, sum(quanta)), dtype=np.int64)  # (T,)
+    before = np.zeros((len(sources) + 1, len(quanta)), dtype=np.int64)  # (T + 1, k): counts before each offset
+    np.add.at(before, (np.arange(1, len(sources) + 1), sources), 1)
+    return sources, before.cumsum(0)
+
+
 class MixtureSchedule:
-    """Which source each global sample position draws from (Tijdeman 1980; see the module docstring).
+    """Which source each global sample position draws from, and how many windows each source has had.
 
-    ``counts``: windows already given to each source (their sum is the position); ``next()`` assigns one more."""
+    With integer weights q_i / T the sequence is periodic with period T: after T positions every deficit
+    w_i T - c_i = q_i - c_i is an integer of magnitude < 1, so zero, and the rule depends on the deficits only.
+    One period is computed once (about 1-3 us per position; T <= 10^6) and any position is looked up in
+    O(1): a resumed run needs only its stream position."""
 
-    def __init__(self, weights: list[float], counts: list[int] | None = None) -> None:
-        self.quanta = quantise_weights(weights)  # w_i * D
-        self.active = [i for i, q in enumerate(self.quanta) if q > 0]
-        self.m = max(1, 2 * len(self.active) - 2)  # 1 / delta
-        self.counts = list(counts) if counts is not None else [0] * len(weights)
-        self.position = sum(self.counts)
+    def __init__(self, weights: list[float]) -> None:
+        self.quanta = quantise_weights(weights)  # (k,) integers, q_i / T = w_i
+        self.period = sum(self.quanta)  # T
+        self.sources, self.before = _period(tuple(self.quanta))
 
-    def next(self) -> int:
-        n, D, m = self.position + 1, WEIGHT_DENOMINATOR, self.m
-        best, best_num, best_den = self.active[0], None, 1
-        for i in self.active:
-            q, c = self.quanta[i], self.counts[i]
-            if len(self.active) > 1 and m * (q * n - c * D) < D:  # deficit w_i n - c_i < delta: not eligible
-                continue
-            num = (c + 1) * m - 1  # deadline (c_i + 1 - delta) / w_i = num * D / (m * q_i)
-            if best_num is None or num * best_den < best_num * q:
-                best, best_num, best_den = i, num, q
-        self.counts[best] += 1
-        self.position += 1
-        return best
+    def source(self, position: int) -> tuple[int, int]:
+        """(source, its draw index j: the j-th window this source gives) at global ``position`` (0-based)."""
+        cycle, offset = divmod(position, self.period)
+        source = int(self.sources[offset])
+        return source, cycle * self.quanta[source] + int(self.before[offset, source])
 
-    @classmethod
-    def replay(cls, weights: list[float], position: int) -> "MixtureSchedule":
-        schedule = cls(weights)
-        for _ in range(position):
-            schedule.next()
-        return schedule
+    def counts(self, position: int) -> list[int]:
+        """Windows given to each source by the first ``position`` positions."""
+        cycle, offset = divmod(position, self.period)
+        return [cycle * q + int(b) for q, b in zip(self.quanta, self.before[offset])]
 
 
 def tolerance_windows(weights: list[float]) -> float:
-    """The bound on |c_i(n) - w_i n| at every prefix n (Tijdeman 1980, Theorem): 1 - 1/(2k - 2), k >= 2."""
+    """The bound on |c_i(n) - w_i n| at every prefix n (Tijdeman 1980): 1 - 1/(2k - 2) for k >= 2 sources of
+    positive weight (plus n x the weights' quantisation error, below 1e-6 and 0 for six-decimal weights)."""
     k = sum(1 for w in weights if w > 0)
     return 0.0 if k <= 1 else 1.0 - 1.0 / (2 * k - 2)
 
@@ -225,32 +264,25 @@ def source_window_order(seed: int, name: str, epoch: int, num_windows: int) -> t
 
 
 class MixtureSampler(Sampler):
-    """Infinite stream of ``(source, window, position)`` for one rank, from the schedule's global position
-    ``start_counts`` (sum = samples of all ranks so far); ``position`` counts this rank's samples."""
+    """Infinite stream of ``(source, window, position)`` for rank ``rank`` of ``world_size``, which takes global
+    positions rank, rank + world_size, ...; ``position`` counts this rank's samples and starts at ``start``."""
 
     def __init__(self, names: list[str], weights: list[float], num_windows: list[int], seed: int, rank: int,
-                 world_size: int, start_counts: list[int]) -> None:
-        if sum(start_counts) % world_size:
-            raise ValueError(f"mixture position {sum(start_counts)} is not a multiple of {world_size} ranks; "
-                             "resume with the world size the checkpoint was written with.")
-        self.names, self.weights, self.num_windows, self.seed = names, weights, num_windows, seed
-        self.rank, self.world_size, self.start_counts = rank, world_size, list(start_counts)
+                 world_size: int, start: int = 0) -> None:
+        self.names, self.num_windows, self.seed = names, num_windows, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.schedule = MixtureSchedule(weights)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        schedule = MixtureSchedule(self.weights, self.start_counts)
-        orders: dict[tuple[int, int], torch.Tensor] = {}  # (source, epoch) -> order; one epoch per source kept
-        position = schedule.position // self.world_size
+        orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its window order)
+        position = self.start
         while True:
-            global_position = schedule.position
-            source = schedule.next()
-            if global_position % self.world_size != self.rank:
-                continue
-            epoch, offset = divmod(schedule.counts[source] - 1, self.num_windows[source])
-            if (source, epoch) not in orders:
-                orders = {k: v for k, v in orders.items() if k[0] != source}
-                orders[(source, epoch)] = source_window_order(self.seed, self.names[source], epoch,
-                                                              self.num_windows[source])
-            yield source, int(orders[(source, epoch)][offset]), position
+            source, draw = self.schedule.source(position * self.world_size + self.rank)
+            epoch, offset = divmod(draw, self.num_windows[source])
+            if orders.get(source, (None,))[0] != epoch:
+                orders[source] = (epoch, source_window_order(self.seed, self.names[source], epoch,
+                                                             self.num_windows[source]).numpy())
+            yield source, int(orders[source][1][offset]), position
             position += 1
 
     def __len__(self) -> int:
@@ -285,8 +317,7 @@ class MixtureDataModule(PretrainDataModule):
         self.seed, self.num_workers, self.val_windows = seed, num_workers, val_windows
         self.names, self.weights = list(prepared.names), list(prepared.weights)
         self.samples_consumed = 0  # windows consumed by this rank; restored from checkpoints
-        # windows consumed from each source by all ranks together, at the consumed position
-        self._consumed = MixtureSchedule(self.weights)
+        self.schedule = MixtureSchedule(self.weights)
         self._train_parts, self._val_parts = [], []
         for name in self.names:
             part = prepared.parts[name]
@@ -307,20 +338,25 @@ class MixtureDataModule(PretrainDataModule):
         return self.weights
 
     @property
+    def global_position(self) -> int:
+        """Training windows consumed by all ranks together: the position in the mixture's stream."""
+        return self.samples_consumed * self._rank_world()[1]
+
+    @property
     def source_windows(self) -> dict[str, int]:
         """Training windows consumed from each source by all ranks (host ints, no device sync)."""
-        return dict(zip(self.names, self._consumed.counts))
+        return dict(zip(self.names, self.schedule.counts(self.global_position)))
 
     @property
     def source_epochs(self) -> dict[str, float]:
         """Passes over each source's training windows so far (> 1: the source repeated)."""
-        return {n: c / len(p) for n, c, p in zip(self.names, self._consumed.counts, self._train_parts)}
+        return {n: c / len(p) for (n, c), p in zip(self.source_windows.items(), self._train_parts)}
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         self._rank = rank
         sampler = MixtureSampler(self.names, self.weights, [len(p) for p in self._train_parts], self.seed, rank, world,
-                                 self._consumed.counts)
+                                 start=self.samples_consumed)
         return self._loader(MixtureWindows(self._train_parts), self._collate, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -334,15 +370,9 @@ class MixtureDataModule(PretrainDataModule):
         return loaders
 
     # ------------------------------------------------------------------ resume
-    def on_micro_batch_consumed(self) -> None:
-        _, world = self._rank_world()
-        for _ in range(self.micro_batch_size * world):  # every rank's micro-batch: the global schedule advances
-            self._consumed.next()
-        self.samples_consumed += self.micro_batch_size
-
     def state_dict(self) -> dict:
         return {**super().state_dict(), "mixture": dict(zip(self.names, self.weights)),
-                "source_windows": self.source_windows}
+                "global_position": self.global_position, "source_windows": self.source_windows}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -354,9 +384,11 @@ class MixtureDataModule(PretrainDataModule):
         if set(saved) != set(current) or any(abs(saved[n] - current[n]) > 1e-12 for n in current):
             raise ValueError(f"this checkpoint was trained with data.mixture={saved}, not {current}; resume with the "
                              "same mixture or start a new run (resume=never).")
-        counts = state.get("source_windows")
-        self._consumed = (MixtureSchedule(self.weights, [int(counts[n]) for n in self.names]) if counts is not None
-                          else MixtureSchedule.replay(self.weights, self.samples_consumed * self._rank_world()[1]))
+        world = self._rank_world()[1]
+        if int(state["global_position"]) % world:
+            raise ValueError(f"this checkpoint stopped at mixture position {state['global_position']}, which "
+                             f"{world} ranks cannot share; resume with a world size that divides it.")
+        self.samples_consumed = int(state["global_position"]) // world  # the same stream, even on another world size
 
 
 class MixtureTokensLogger(L.Callback):
