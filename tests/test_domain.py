@@ -1,0 +1,213 @@
+"""The legal-domain corpus, tokenizer extension, vocabulary transfer, init_from, and the domain-adaptation recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.adapt import adapt_checkpoint, load_init_weights, module_from_checkpoint, token_bytes, transfer_vocabulary
+from framework.config import to_run_config
+from framework.data.config import DataConfig
+from framework.data.sources import iter_documents, license_documents, license_fingerprint
+from framework.data.tokenizer import SPECIAL_TOKENS, extend_tokenizer, special_ids, train_tokenizer
+from framework.models import ModelConfig
+from framework.objectives import objective_class
+from framework.objectives.base import module_kwargs
+
+HAS_LICENSES = Path("/usr/share/common-licenses").is_dir() and Path("/usr/share/doc").is_dir()
+needs_licenses = pytest.mark.skipif(not HAS_LICENSES, reason="needs a Debian/Ubuntu /usr/share/doc")
+
+
+# ----------------------------------------------------------------------------- the licenses source
+def _fake_tree(tmp_path: Path) -> tuple[Path, Path]:
+    common, doc = tmp_path / "common-licenses", tmp_path / "doc"
+    common.mkdir()
+    (common / "GPL-3").write_text("GNU GENERAL PUBLIC LICENSE Version 3 " * 3)
+    (common / "GPL").symlink_to("GPL-3")  # as Debian ships it: the same text twice
+    for package, text in [("zlib", "Copyright: Jean-loup Gailly. License: Zlib " * 2),
+                          ("apt", "Format: DEP-5\n\nFiles: *\nLicense: GPL-2+\n" * 3),
+                          ("apt-utils", "Format: DEP-5\n\nFiles: *\nLicense: GPL-2+\n" * 3),  # same source package
+                          ("tiny", "short")]:
+        (doc / package).mkdir(parents=True)
+        (doc / package / "copyright").write_text(text)
+    (doc / "no-copyright").mkdir()
+    return common, doc
+
+
+def test_license_documents_whole_files_deduplicated_in_stable_order(tmp_path):
+    common, doc = _fake_tree(tmp_path)
+    docs = list(license_documents(40, str(common), str(doc)))
+    # symlinked GPL and apt-utils's copy of apt's file are yielded once, under the first path; "short" is < 40 chars
+    assert [d for d, _ in docs] == ["licenses:common-licenses/GPL", "licenses:doc/apt", "licenses:doc/zlib"]
+    assert docs[1][1] == (doc / "apt" / "copyright").read_text()  # the whole file is one document
+    assert docs == list(license_documents(40, str(common), str(doc)))
+    fp = license_fingerprint(str(common), str(doc))
+    assert len(fp) == 6 and (str(doc / "zlib" / "copyright"), (doc / "zlib" / "copyright").stat().st_size) in fp
+
+
+def test_license_documents_missing_directories_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Debian/Ubuntu system's /usr/share/doc; use data.source=files"):
+        list(license_documents(40, str(tmp_path / "none"), str(tmp_path / "none")))
+
+
+@needs_licenses
+def test_licenses_source_dispatch_on_this_machine():
+    docs = list(iter_documents(DataConfig(source="licenses", max_documents=20)))
+    assert len(docs) == 20 and len({d for d, _ in docs}) == 20
+    assert all(d.startswith("licenses:") for d, _ in docs) and len({t for _, t in docs}) == 20
+
+
+# ----------------------------------------------------------------------------- tokenizer extension
+@pytest.fixture(scope="module")
+def base_tok():
+    return train_tokenizer(["hello world, hello there"] * 50, 512)
+
+
+def test_extend_tokenizer_hand_computed(base_tok):
+    V = base_tok.get_vocab_size()
+    base_segments = [t.value for t in base_tok.model.tokenize("hellozq")]
+    assert base_segments == ["hello", "z", "q"]
+    # pairs (hello, z) and (z, q) both seen 5 times: the tie goes to the smaller pair; then (helloz, q)
+    ext = extend_tokenizer(base_tok, ["hellozq"] * 5, num_new_tokens=2)
+    assert ext.token_to_id("helloz") == V and ext.token_to_id("hellozq") == V + 1 and ext.get_vocab_size() == V + 2
+    spec, base_spec = json.loads(ext.to_str())["model"], json.loads(base_tok.to_str())["model"]
+    assert spec["merges"][: len(base_spec["merges"])] == base_spec["merges"]
+    assert spec["merges"][len(base_spec["merges"]):] == [["hello", "z"], ["helloz", "q"]]
+    assert ext.encode("hellozq").ids == [V + 1]
+    assert ext.encode("hellozz").ids == [V, base_tok.token_to_id("z")]
+    # a pair seen once is below min_frequency=2: no token
+    assert extend_tokenizer(base_tok, ["hellozq"], num_new_tokens=2).get_vocab_size() == V
+
+
+def test_extend_tokenizer_keeps_ids_and_base_tokenization(base_tok):
+    from framework.data.sources import stdlib_documents
+
+    general = [t for _, t in stdlib_documents()][:40]
+    base = train_tokenizer(general, 512)
+    domain = ["Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
+              f"(licence {i}), to deal in the Software without restriction." for i in range(40)]
+    ext = extend_tokenizer(base, domain, num_new_tokens=30)
+    V, ext_vocab = base.get_vocab_size(), ext.get_vocab()
+    assert ext.get_vocab_size() == V + 30
+    assert all(ext_vocab[token] == i for token, i in base.get_vocab().items())  # every id kept
+    assert special_ids(ext) == special_ids(base) and [ext.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(105))
+    new_ids = set(range(V, V + 30))
+    # every new merge fires on the domain text: its token is in the encoding, or a later new merge consumed it
+    new_merges = json.loads(ext.to_str())["model"]["merges"][-30:]
+    consumed = {ext.token_to_id(piece) for pair in new_merges for piece in pair}
+    assert new_ids <= {i for text in domain for i in ext.encode(text).ids} | consumed
+    assert sum(len(ext.encode(t).ids) for t in domain) < 0.8 * sum(len(base.encode(t).ids) for t in domain)
+    unchanged = 0
+    for text in general:
+        b, e = base.encode(text), ext.encode(text)
+        assert ext.decode(e.ids) == text
+        # a coarsening: every boundary of the extended tokenization is a boundary of the base's
+        assert {s for s, _ in e.offsets} <= {s for s, _ in b.offsets}
+        if not new_ids & set(e.ids):
+            assert e.ids == b.ids
+            unchanged += 1
+    assert unchanged >= 5
+
+
+# ----------------------------------------------------------------------------- vocabulary transfer
+def _checkpoint(tmp_path: Path, preset: str, objective: str, tok, **model_overrides) -> tuple[Path, object]:
+    from framework.objectives.config import ObjectiveConfig, OptimConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name(preset, vocab_size=tok.get_vocab_size(), **model_overrides)
+    module = objective_class(objective)(**module_kwargs(cfg, OptimConfig(), ObjectiveConfig(name=objective),
+                                                        special_ids(tok), 10, 32))
+    path = tmp_path / f"{preset}.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path, module.model
+
+
+@pytest.mark.parametrize("preset,objective,tied", [("tiny", "clm", True), ("bert-tiny", "mlm", False),
+                                                   ("t5-tiny", "span_corruption", False)])
+def test_transfer_copies_known_rows_and_averages_pieces(tmp_path, base_tok, preset, objective, tied):
+    ext = extend_tokenizer(base_tok, ["hellozq"] * 5, num_new_tokens=2)
+    V = base_tok.get_vocab_size()
+    ckpt, old = _checkpoint(tmp_path, preset, objective, base_tok, tie_embeddings=tied)
+    hp, new = adapt_checkpoint(ckpt, base_tok, ext, tmp_path / "init.ckpt", tmp_path / "tokenizer.json")
+    assert hp["model_config"]["vocab_size"] == V + 2
+    hello, z, q = (base_tok.token_to_id(t) for t in ("hello", "z", "q"))
+    for name in ("embed", "lm_head"):
+        o, n = getattr(old, name).weight.detach(), getattr(new, name).weight.detach()
+        assert torch.equal(n[:V], o[:V])  # every old token copies its row
+        assert torch.allclose(n[V], (o[hello] + o[z]) / 2)  # "helloz": the old tokenizer's pieces hello + z
+        assert torch.allclose(n[V + 1], (o[hello] + o[z] + o[q]) / 3)
+        assert torch.allclose(n[V + 2:], o[V:].mean(0).expand_as(n[V + 2:]))  # padding rows: old padding mean
+    assert (new.lm_head.weight is new.embed.weight) == tied
+    # the same model on old-vocabulary text: identical logits over the old vocabulary
+    ids = torch.tensor([base_tok.encode("hello world, hello there hello").ids])
+    args = (ids, ids) if preset == "t5-tiny" else (ids,)
+    with torch.no_grad():
+        assert torch.allclose(new.eval()(*args)[..., :V], old.eval()(*args)[..., :V], atol=1e-5)
+    reloaded = module_from_checkpoint(tmp_path / "init.ckpt").model
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), new.state_dict().values()))
+
+
+def test_transfer_vocabulary_rejects_wrong_piece_count():
+    cfg = ModelConfig.from_name("tiny", vocab_size=300)
+    with pytest.raises(ValueError, match="token pieces"):
+        transfer_vocabulary({}, cfg, cfg, [[0]] * 10)
+
+
+def test_token_bytes_counts_utf8_bytes(base_tok):
+    lengths = token_bytes(base_tok)
+    ids = base_tok.encode("hello wörld").ids
+    assert lengths[ids].sum() == len("hello wörld".encode()) and lengths[0] == 0
+
+
+# ----------------------------------------------------------------------------- init_from
+def test_init_from_loads_exactly_and_refuses_mismatches(compose, tiny_prepared, tmp_path):
+    from framework.train import ConfigurationError, build_run, run
+
+    tok = tiny_prepared.tokenizer()
+    ckpt, saved = _checkpoint(tmp_path, "tiny", "clm", tok)
+    _, module, _, _ = build_run(to_run_config(compose([f"init_from={ckpt}"])), tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(module.model.state_dict().values(), saved.state_dict().values()))
+    _, fresh, _, _ = build_run(to_run_config(compose(["seed=7"])), tmp_path / "b")
+    assert not torch.equal(fresh.model.embed.weight, saved.embed.weight)
+
+    (tmp_path / "extended").mkdir()
+    ext_ckpt, _ = _checkpoint(tmp_path / "extended", "tiny", "clm", extend_tokenizer(tok, ["hellozq"] * 5, 2))
+    with pytest.raises(ConfigurationError, match=r"vocabulary has 514 tokens, the data's tokenizer 512: use the "
+                                                 r"checkpoint's tokenizer with data.tokenizer_path="):
+        run(to_run_config(compose([f"init_from={ext_ckpt}"])), tmp_path / "c")
+    cfg = ModelConfig.from_name("tiny", vocab_size=512)
+    with pytest.raises(ValueError, match="holds a encoder_decoder model but this run trains a decoder"):
+        load_init_weights(saved, cfg, _checkpoint(tmp_path, "t5-tiny", "span_corruption", tok)[0])
+    with pytest.raises(ValueError, match="does not fit the configured model"):
+        load_init_weights(saved, cfg, _checkpoint(tmp_path, "tiny", "clm", tok, d_model=32, n_heads=2)[0])
+    with pytest.raises(ValueError, match="fw-consolidate"):
+        load_init_weights(saved, cfg, tmp_path)
+
+
+# ----------------------------------------------------------------------------- the recipe, end to end
+@needs_licenses
+@pytest.mark.slow
+def test_domain_recipe_end_to_end(compose, data_cache, tmp_path, capsys):
+    from framework.train import run
+    from recipes.domain_adapt import main
+
+    base = tmp_path / "base"
+    run(to_run_config(compose(["trainer.max_steps=40", "trainer.val_check_interval=40", "optim.lr=3e-3",
+                               "callbacks.throughput=false", "callbacks.model_card=false"])), base)
+    results = main(["--base", str(base), "--out", str(tmp_path / "out"), "--new-tokens", "32", "--max-documents",
+                    "80", "--steps", "30", "--lr", "3e-3", "--micro-batch", "8", "--val-windows", "16",
+                    "--cache-dir", data_cache, "--num-proc", "1", "--",
+                    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "callbacks.throughput=false"])
+    for when in ("base", "before", "after"):
+        for split in ("domain", "general"):
+            assert results[when][split]["tokens"] > 0 and 0 < results[when][split]["loss_nats"] < 10
+    assert results["vocab_size"] == 512 + 32 and results["train_metrics"]["step"] == 30
+    assert results["after"]["domain"]["loss_nats"] < results["before"]["domain"]["loss_nats"] - 0.1
+    saved = json.loads((tmp_path / "out" / "domain_adapt.json").read_text())
+    assert saved["after"] == results["after"]
+    table = (tmp_path / "out" / "domain_adapt.md").read_text()
+    assert "| domain (licenses) |" in table and "| general (stdlib) |" in table
+    assert "| domain (licenses) |" in capsys.readouterr().out
