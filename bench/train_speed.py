@@ -306,7 +306,8 @@ def run_raw(row: Row, opts: Options, prepared: PreparedData) -> Measurement:
 
 def attention_backends(row: Row, opts: Options, prepared: PreparedData) -> str:
     """The SDPA backends that accept this model's attention calls: each one alone, forward + backward of one
-    eager micro-batch of 1 sequence under the run's autocast. 'n/a' on CPU (only the C++ math/flash CPU kernels)."""
+    eager micro-batch of 1 sequence under bf16 autocast (the backward kernel follows the forward's choice).
+    'n/a' on CPU (only the C++ math/flash CPU kernels)."""
     device = torch.device(opts.device)
     if device.type != "cuda":
         return "n/a (CPU)"
