@@ -82,11 +82,13 @@ def test_extend_tokenizer_hand_computed(base_tok):
     assert extend_tokenizer(base_tok, ["hellozq"], num_new_tokens=2).get_vocab_size() == V
 
 
-def test_extend_tokenizer_keeps_ids_and_base_tokenization(base_tok):
-    from framework.data.sources import stdlib_documents
+def test_extend_tokenizer_keeps_ids_and_base_tokenization(tiny_prepared):
+    import numpy as np
 
-    general = [t for _, t in stdlib_documents()][:40]
-    base = train_tokenizer(general, 512)
+    base = tiny_prepared.tokenizer()  # 512 tokens trained on 800 stdlib documents
+    ids = np.fromfile(tiny_prepared.shards("val")[0], dtype=tiny_prepared.dtype).astype(np.int64)
+    eos = tiny_prepared.special_ids().eos
+    general = [base.decode(doc.tolist()) for doc in np.split(ids, np.flatnonzero(ids == eos) + 1)[:40] if len(doc) > 1]
     domain = ["Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
               f"(licence {i}), to deal in the Software without restriction." for i in range(40)]
     ext = extend_tokenizer(base, domain, num_new_tokens=30)
