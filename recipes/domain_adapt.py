@@ -48,24 +48,28 @@ def stage(message: str) -> None:
     print(f"[domain_adapt {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def resolve_base(base: str) -> tuple[Path, Path]:
-    """(checkpoint file, tokenizer.json) of a run directory or a .ckpt file."""
+def resolve_base(base: str) -> Path:
+    """The checkpoint file of a run directory (its checkpoints/last.ckpt) or of a .ckpt path."""
     path = Path(base)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        ckpt = path / "checkpoints" / "last.ckpt"
-    elif path.is_dir() and path.suffix != ".ckpt":
+    if path.is_dir() and not (path / "checkpoints").is_dir():
         raise FileNotFoundError(f"--base {base} is a directory without checkpoints/; give a run directory of "
                                 "`python3 -m framework.train` (e.g. runs/default) or a .ckpt file.")
-    else:
-        ckpt = path
+    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}; train the base first (`python3 -m framework.train` writes "
                                 "runs/default) or pass --base <run dir or .ckpt>.")
+    return ckpt
+
+
+def base_tokenizer_path(ckpt: Path, hp: dict) -> Path:
+    """The run directory's tokenizer.json (train.py copies it there), else the one its hyperparameters record."""
     for directory in [ckpt.parent, *ckpt.resolve().parents][:3]:
         if (directory / tk.TOKENIZER_FILE).exists():
-            return ckpt, directory / tk.TOKENIZER_FILE
-    raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its run directory; copy the base run's tokenizer "
-                            "there (train.py writes <run_dir>/tokenizer.json).")
+            return directory / tk.TOKENIZER_FILE
+    if hp.get("tokenizer_path") and Path(hp["tokenizer_path"]).exists():
+        return Path(hp["tokenizer_path"])
+    raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its run directory, and its recorded "
+                            f"{hp.get('tokenizer_path')!r} is gone; copy the base run's tokenizer.json there.")
 
 
 def data_configs(args: argparse.Namespace, hp: dict) -> dict[str, DataConfig]:
@@ -219,8 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        ckpt, base_tok_path = resolve_base(args.base)
+        ckpt = resolve_base(args.base)
         hp, _ = load_framework_checkpoint(ckpt)
+        base_tok_path = base_tokenizer_path(ckpt, hp)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     stage(f"base {ckpt} ({hp['objective']['name']}, {hp['model_config']['family']}, "
