@@ -49,7 +49,8 @@ from framework.data import tokenizer as tk
 from framework.data.config import DataConfig, SourceSpec
 from framework.data.datamodule import PackedWindows, PretrainDataModule
 from framework.data.prepare import FORMAT_VERSION, PreparedData, _file_lock, _train_texts, prepare_data
-from framework.data.sources import source_fingerprint
+from framework.data.curation import curate
+from framework.data.sources import iter_documents, source_fingerprint
 
 WEIGHT_RESOLUTION = 10**6  # the schedule's weights are integers over this (then reduced): exact on every rank
 
@@ -117,9 +118,12 @@ class PreparedMixture:
 
 
 def mixture_key(cfg: DataConfig, names: list[str]) -> str:
-    blob = json.dumps({"sources": {n: source_fingerprint(source_config(cfg, n)) for n in sorted(names)},
-                       "tokenizer": tk.tokenizer_settings(cfg.vocab_size), "format": FORMAT_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """Identifies the shared tokenizer: the sources' texts, the tokenizer settings and curation (when on)."""
+    identity = {"sources": {n: source_fingerprint(source_config(cfg, n)) for n in sorted(names)},
+                "tokenizer": tk.tokenizer_settings(cfg.vocab_size), "format": FORMAT_VERSION}
+    if cfg.curation.enabled:
+        identity["curation"] = dataclasses.asdict(cfg.curation)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _shared_tokenizer(cfg: DataConfig, names: list[str], progress: bool) -> Path:
@@ -136,7 +140,10 @@ def _shared_tokenizer(cfg: DataConfig, names: list[str], progress: bool) -> Path
 
         def union() -> Iterator[str]:  # sorted by name: the tokenizer does not depend on the mixture's order
             for name in sorted(names):
-                yield from _train_texts(source_config(cfg, name), None)
+                source = source_config(cfg, name)
+                # the documents prepare_data will keep: curated (when on) as each source's own tokenizer would be
+                curation = curate(iter_documents(source), cfg.curation) if cfg.curation.enabled else None
+                yield from _train_texts(source, None, curation)
 
         tok = tk.train_tokenizer(union(), cfg.vocab_size)
         tk.save_tokenizer(tok, directory, {**tk.tokenizer_settings(cfg.vocab_size), "sources": sorted(names)})
