@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from tokenizers import Tokenizer
 from torch import nn
 
@@ -163,7 +164,7 @@ def evaluate_split(module, prepared: PreparedData, seq_len: int, micro_batch_siz
     module.eval()
     total, count = 0.0, 0
     for batch in data.val_dataloader():
-        loss, n = module.compute_loss(batch)
+        loss, n = module.compute_loss(move_data_to_device(batch, module.device))
         total += float(loss) * int(n)
         count += int(n)
     module.train(was_training)

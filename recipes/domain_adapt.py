@@ -34,6 +34,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from framework.adapt import adapt_checkpoint, evaluate_split, load_framework_checkpoint, module_from_checkpoint
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig
@@ -75,6 +77,8 @@ def base_tokenizer_path(ckpt: Path, hp: dict) -> Path:
 def data_configs(args: argparse.Namespace, hp: dict) -> dict[str, DataConfig]:
     common = dict(seq_len=args.seq_len or int(hp["seq_len"]), micro_batch_size=args.micro_batch,
                   cache_dir=args.cache_dir, num_proc=args.num_proc, val_windows=args.val_windows)
+    if args.curation:  # the evaluated splits are the ones training sees
+        common["curation"] = replace(DataConfig().curation, enabled=True)
     return {"domain": DataConfig(source=args.domain_source, paths=list(args.domain_paths),
                                  max_documents=args.max_documents, **common),
             "general": DataConfig(source=args.general_source, paths=list(args.general_paths),
@@ -97,7 +101,7 @@ def new_tokenizer(args: argparse.Namespace, base_tok, data: dict[str, DataConfig
 
 
 def evaluate(checkpoint: Path, data: dict[str, DataConfig], tokenizer_path: Path, args) -> dict[str, dict]:
-    module = module_from_checkpoint(checkpoint)
+    module = module_from_checkpoint(checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for split in SPLITS:
         prepared = prepare_data(replace(data[split], tokenizer_path=str(tokenizer_path)), progress=False)
