@@ -272,3 +272,34 @@ def test_monitor_reports_the_data_wait_fraction(tmp_path):
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     fractions = [float(r["throughput/data_wait_fraction"]) for r in rows if r.get("throughput/data_wait_fraction")]
     assert len(fractions) == 2 and all(0.5 < f <= 1.0 for f in fractions), fractions
+
+
+# ------------------------------------------------------------------ bench/activation_memory.py
+_mspec = importlib.util.spec_from_file_location("activation_memory", ROOT / "bench" / "activation_memory.py")
+am = importlib.util.module_from_spec(_mspec)
+sys.modules["activation_memory"] = am
+_mspec.loader.exec_module(am)
+
+
+def test_saved_activation_accounting_by_hand(tmp_path):
+    """Tiny decoder, vocab 512: autocast's weight copies are 2 bytes per matrix parameter (the tied embedding
+    once, through the LM head), the float32 logits 4 B T V are kept, activations grow exactly linearly in B."""
+    def measure(batch: int, precision: str) -> dict:
+        row = ts.Row("tiny", "clm", batch, 32, VOCAB)
+        return am.measure_row(row, "cpu", precision, tmp_path / f"{batch}-{precision}")
+
+    cfg = ModelConfig.from_name("tiny", vocab_size=VOCAB)
+    module = ts.build_module(ts.Row("tiny", "clm", 1, 32, VOCAB), ts.Options(device="cpu", compile=False), VOCAB)
+    matrix_params = sum(p.numel() for p in module.parameters() if p.dim() == 2)
+    one, two, four = (measure(b, "bf16-mixed") for b in (1, 2, 4))
+    for r in (one, two, four):
+        assert r["saved_weight_copies_bytes"] == 2 * matrix_params
+        assert r["saved_fp32_bytes"] >= 4 * r["micro_batch"] * 32 * cfg.padded_vocab_size  # log-softmax output
+    per_sequence = two["saved_activations_bytes"] - one["saved_activations_bytes"]
+    # linear up to the int64 targets (B=1: a view of the (B, T+1) batch; B>1: a (B, T) copy): < 1 KiB
+    assert per_sequence > 0
+    assert abs(four["saved_activations_bytes"] - two["saved_activations_bytes"] - 2 * per_sequence) <= 1024
+    fp32 = measure(2, "32-true")
+    assert fp32["saved_weight_copies_bytes"] == 0  # no autocast, no copies
+    assert fp32["planner_activation_bytes"] == 2 * two["planner_activation_bytes"] - 4 * 2 * 32 * cfg.padded_vocab_size
+    assert "| tiny | clm | 2 | 32 |" in am.format_table([two])
