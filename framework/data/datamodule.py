@@ -202,11 +202,13 @@ class PretrainDataModule(L.LightningDataModule):
         return kwargs
 
     def _loader(self, dataset: Dataset, collate_fn: Callable, *, sampler: Sampler | None = None,
-                drop_last: bool = False) -> TimedDataLoader:
+                drop_last: bool = False, persistent: bool = True) -> TimedDataLoader:
         """The one place DataLoaders are built: ``micro_batch_size`` items per batch, in ``sampler``'s order
-        (or the dataset's), with ``loader_kwargs``. A DataModule for other datasets (mixtures) reuses it."""
+        (or the dataset's), with ``loader_kwargs``. A DataModule for other datasets (mixtures) reuses it.
+        ``persistent=False`` for loaders used now and then (validation): their workers exit after each pass
+        instead of staying resident beside the training loader's."""
         return TimedDataLoader(dataset, batch_size=self.micro_batch_size, sampler=sampler, shuffle=False,
-                               collate_fn=collate_fn, drop_last=drop_last, **self.loader_kwargs())
+                               collate_fn=collate_fn, drop_last=drop_last, **self.loader_kwargs(persistent))
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -221,7 +223,7 @@ class PretrainDataModule(L.LightningDataModule):
         n -= n % world  # every rank evaluates the same number of windows, so the mean is unbiased
         indices = [(i, i) for i in range(rank, max(n, world), world)]  # (window, position = window index)
         subset = torch.utils.data.Subset(self._val, indices)
-        return self._loader(subset, self._val_collate)
+        return self._loader(subset, self._val_collate, persistent=False)
 
     def _batch_generator(self, stream: int, position: int) -> torch.Generator:
         # distinct streams for training (0) and validation (1); a fixed validation corruption keeps val/loss
