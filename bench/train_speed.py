@@ -7,8 +7,8 @@
 
 For every row the same model is trained twice from the same seed and weights, on the same batches in the
 same order: once through Lightning as ``framework.train`` drives it (``PretrainModule`` of the objective,
-``PretrainDataModule`` over memory-mapped token shards, ``ThroughputMonitor``, gradient clipping, the
-framework's per-block ``torch.compile``), once by a plain loop (the same ``compute_loss``, the optimizer and
+``PretrainDataModule`` over memory-mapped token shards, ``ThroughputMonitor``, the RNG-state and preemption
+callbacks, gradient clipping, the framework's per-block ``torch.compile``; no checkpoint writes), once by a plain loop (the same ``compute_loss``, the optimizer and
 schedule from ``configure_optimizers``, the same autocast, clipping and loader). Both are timed the same way:
 the device is synchronised at the two edges of the measured window only (after the ``--warmup`` steps and
 after the last step), so the ratio of their step times is Lightning's overhead.
@@ -48,10 +48,12 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from framework.callbacks.preemption import PreemptionCallback  # noqa: E402
 from framework.callbacks.throughput import ThroughputMonitor, measure_training_flops, resolve_peak_flops  # noqa: E402
 from framework.data.datamodule import PretrainDataModule  # noqa: E402
 from framework.data.prepare import PreparedData  # noqa: E402
 from framework.data.tokenizer import SpecialIds  # noqa: E402
+from framework.distributed.checkpoints import ResumeStateCallback  # noqa: E402
 from framework.distributed.config import StrategyConfig  # noqa: E402
 from framework.distributed.parallelize import Parallelizer  # noqa: E402
 from framework.models import ModelConfig  # noqa: E402
@@ -237,7 +239,9 @@ def run_lightning(row: Row, opts: Options, prepared: PreparedData) -> tuple[Meas
     total = opts.warmup + opts.steps
     timer = WindowTimer(opts.warmup, total, opts.fingerprints)
     monitor = ThroughputMonitor(window=opts.steps, peak_flops_per_device=opts.peak_flops)
-    callbacks = [timer, monitor]
+    # framework.train's per-step callbacks too (checkpoint writes excluded): RNG bookkeeping, the preemption check
+    callbacks = [timer, monitor, ResumeStateCallback(),
+                 PreemptionCallback(Path(prepared.directory) / "checkpoints", requeue=False)]
     if opts.profile_dir:  # first: its trace is written before the timer's first edge
         callbacks.insert(0, ProfileWarmupSteps(Path(opts.profile_dir), opts.warmup, f"{row.preset}-{row.objective}"))
     device = torch.device(opts.device)
