@@ -25,7 +25,7 @@ from torch import nn
 
 from framework.data.datamodule import PretrainDataModule
 from framework.data.prepare import PreparedData, open_tokens
-from framework.data.tokenizer import SPECIAL_TOKENS, special_ids
+from framework.data.tokenizer import SPECIAL_TOKENS, special_ids, tokenizer_hash
 from framework.models import ModelConfig, build_model
 
 VOCAB_ROWS = ("embed.weight", "lm_head.weight")  # (padded_vocab, d_model) in every family
@@ -34,6 +34,12 @@ VOCAB_ROWS = ("embed.weight", "lm_head.weight")  # (padded_vocab, d_model) in ev
 # ----------------------------------------------------------------------------- checkpoints
 def load_framework_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(hyper_parameters, the model's state dict without the ``model.`` prefix) of a single-file checkpoint."""
+    hp, state, _ = _read_checkpoint(path)
+    return hp, state
+
+
+def _read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+    """(hyper_parameters, model state dict, the hash of the tokenizer it was trained with when recorded)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a sharded checkpoint directory (FSDP2 / DeepSpeed); consolidate it into one file "
@@ -49,12 +55,16 @@ def load_framework_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.T
         name = name.replace("_orig_mod.", "")  # torch.compile's wrapper
         if name.startswith("model."):
             state[name[len("model."):]] = tensor
-    return dict(hp), state
+    # the data module's checkpoint state records it (PretrainDataModule.state_dict); adapt_checkpoint writes it
+    recorded = ckpt.get("tokenizer_hash") or next(
+        (v["tokenizer_hash"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer_hash" in v), None)
+    return dict(hp), state, recorded
 
 
-def load_init_weights(model: nn.Module, config: ModelConfig, path: str | Path) -> None:
-    """Copy the model weights of checkpoint ``path`` into ``model`` (built from ``config``); refuses mismatches."""
-    hp, state = load_framework_checkpoint(path)
+def load_init_weights(model: nn.Module, config: ModelConfig, path: str | Path, tokenizer_hash: str | None = None) -> None:
+    """Copy the model weights of checkpoint ``path`` into ``model`` (built from ``config``); refuses mismatches.
+    ``tokenizer_hash``: the run's tokenizer (``tokenizer_hash``), refused when the checkpoint records another."""
+    hp, state, recorded = _read_checkpoint(path)
     saved = hp["model_config"]
     if saved["family"] != config.family:
         raise ValueError(f"init_from={path} holds a {saved['family']} model but this run trains a {config.family} "
@@ -64,6 +74,10 @@ def load_init_weights(model: nn.Module, config: ModelConfig, path: str | Path) -
             f"the checkpoint's vocabulary has {saved['vocab_size']} tokens, the data's tokenizer {config.vocab_size}: "
             "use the checkpoint's tokenizer with data.tokenizer_path=<its run dir>/tokenizer.json, or run "
             "recipes/domain_adapt.py to extend it.")
+    if tokenizer_hash and recorded and recorded != tokenizer_hash:
+        raise ValueError(
+            f"init_from={path} was trained with another tokenizer of the same size ({recorded}, the data's is "
+            f"{tokenizer_hash}): use the checkpoint's tokenizer with data.tokenizer_path=<its run dir>/tokenizer.json.")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -128,7 +142,7 @@ def adapt_checkpoint(base_checkpoint: str | Path, old_tok: Tokenizer, new_tok: T
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp,
-                "adapted_from": str(base_checkpoint)}, out_path)
+                "tokenizer_hash": tokenizer_hash(new_tok), "adapted_from": str(base_checkpoint)}, out_path)
     return hp, model
 
 

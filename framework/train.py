@@ -75,7 +75,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     module = objective_cls(**module_kwargs(model_config, cfg.optim, cfg.objective, prepared.special_ids(),
                                            cfg.trainer.max_steps, cfg.data.seq_len, prepared.tokenizer_path))
     if cfg.init_from:  # continued pretraining: the model's weights, not the optimizer, schedule or step
-        load_init_weights(module.model, model_config, cfg.init_from)
+        load_init_weights(module.model, model_config, cfg.init_from, prepared.meta["tokenizer_hash"])
     module.parallelizer = Parallelizer(cfg.strategy, cfg.precision.mode)  # applied in configure_model
     datamodule_cls = MixtureDataModule if mixture else PretrainDataModule
     datamodule = datamodule_cls(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),

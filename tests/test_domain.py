@@ -12,7 +12,7 @@ from framework.adapt import adapt_checkpoint, load_init_weights, module_from_che
 from framework.config import to_run_config
 from framework.data.config import DataConfig
 from framework.data.sources import iter_documents, license_documents, license_fingerprint
-from framework.data.tokenizer import SPECIAL_TOKENS, extend_tokenizer, special_ids, train_tokenizer
+from framework.data.tokenizer import SPECIAL_TOKENS, extend_tokenizer, special_ids, tokenizer_hash, train_tokenizer
 from framework.models import ModelConfig
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
@@ -115,15 +115,17 @@ def test_extend_tokenizer_keeps_ids_and_base_tokenization(tiny_prepared):
 
 
 # ----------------------------------------------------------------------------- vocabulary transfer
-def _checkpoint(tmp_path: Path, preset: str, objective: str, tok, **model_overrides) -> tuple[Path, object]:
+def _checkpoint(tmp_path: Path, preset: str, objective: str, tok, record_tokenizer: bool = False,
+                **model_overrides) -> tuple[Path, object]:
     from framework.objectives.config import ObjectiveConfig, OptimConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(preset, vocab_size=tok.get_vocab_size(), **model_overrides)
     module = objective_class(objective)(**module_kwargs(cfg, OptimConfig(), ObjectiveConfig(name=objective),
                                                         special_ids(tok), 10, 32))
-    path = tmp_path / f"{preset}.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    path = tmp_path / f"{preset}-{len(list(tmp_path.glob('*.ckpt')))}.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+               | ({"tokenizer_hash": tokenizer_hash(tok)} if record_tokenizer else {}), path)
     return path, module.model
 
 
@@ -169,7 +171,7 @@ def test_init_from_loads_exactly_and_refuses_mismatches(compose, tiny_prepared, 
     from framework.train import ConfigurationError, build_run, run
 
     tok = tiny_prepared.tokenizer()
-    ckpt, saved = _checkpoint(tmp_path, "tiny", "clm", tok)
+    ckpt, saved = _checkpoint(tmp_path, "tiny", "clm", tok, record_tokenizer=True)
     _, module, _, _ = build_run(to_run_config(compose([f"init_from={ckpt}"])), tmp_path / "a")
     assert all(torch.equal(a, b) for a, b in zip(module.model.state_dict().values(), saved.state_dict().values()))
     _, fresh, _, _ = build_run(to_run_config(compose(["seed=7"])), tmp_path / "b")
@@ -185,6 +187,8 @@ def test_init_from_loads_exactly_and_refuses_mismatches(compose, tiny_prepared, 
         load_init_weights(saved, cfg, _checkpoint(tmp_path, "t5-tiny", "span_corruption", tok)[0])
     with pytest.raises(ValueError, match="does not fit the configured model"):
         load_init_weights(saved, cfg, _checkpoint(tmp_path, "tiny", "clm", tok, d_model=32, n_heads=2)[0])
+    with pytest.raises(ValueError, match="another tokenizer of the same size"):
+        load_init_weights(saved, cfg, ckpt, tokenizer_hash="0123456789abcdef")
     with pytest.raises(ValueError, match="fw-consolidate"):
         load_init_weights(saved, cfg, tmp_path)
 
