@@ -373,7 +373,7 @@ class MixtureDataModule(PretrainDataModule):
             n = min(self.val_windows, len(val))
             n -= n % world  # every rank evaluates the same number of windows of each source
             indices = [(i, i) for i in range(rank, max(n, world), world)]  # (window, position = window index)
-            loaders.append(self._loader(torch.utils.data.Subset(val, indices), self._val_collate))
+            loaders.append(self._loader(torch.utils.data.Subset(val, indices), self._val_collate, persistent=False))
         return loaders
 
     # ------------------------------------------------------------------ resume
