@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-workers", type=int, default=-1, help="data.num_workers (-1 = auto)")
     parser.add_argument("--vocab-size", type=int, default=0, help="one vocabulary for every row (0 = per objective)")
     parser.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s of the device (default: table)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 1 with --tiny: on a "
+                        "loaded machine OpenMP threads that wait for each other make tiny steps ~50x slower)")
     parser.add_argument("--jsonl", default="", help="append each row's full result (losses included) here")
     parser.add_argument("--data-dir", default="", help="where the random-token shard is written (default: a temp dir)")
     parser.add_argument("--profile", default="", help="folder for a torch.profiler trace + top-ops table of the "
@@ -456,6 +458,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"use --warmup {PROFILE_STEPS + 2} or more.")
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
+    threads = args.threads or (1 if args.tiny else 0)
+    if threads:
+        torch.set_num_threads(threads)
     rows = [Row.parse(r, args.vocab_size) for r in (args.rows or (TINY_ROWS if args.tiny else GPU_ROWS))]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
