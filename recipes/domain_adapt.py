@@ -188,6 +188,11 @@ def report(results: dict, out: Path) -> str:
     summary = (f"domain loss {gain:+.4f} nats/token better; general loss {forgetting:+.4f} nats/token "
                f"({'forgetting' if forgetting > 0 else 'no forgetting'}) after {results['steps']} steps; "
                f"tokenizer {results['tokenizer']} ({results['vocab_size']} tokens)")
+    if "base" in results:  # across tokenizers only nats/byte compare
+        base_general = results["base"]["general"]["nats_per_byte"]
+        after_general = results["after"]["general"]["nats_per_byte"]
+        summary += (f"; against the base model with its own tokenizer, general {base_general:.4f} -> "
+                    f"{after_general:.4f} nats/byte ({after_general - base_general:+.4f})")
     (out / "domain_adapt.json").write_text(json.dumps(results, indent=2))
     (out / "domain_adapt.md").write_text(f"# Domain adaptation of {results['base_checkpoint']}\n\n{table}\n\n{summary}\n")
     return f"{table}\n\n{summary}"
