@@ -127,6 +127,32 @@ def test_preemption_signal_checkpoints_at_the_next_step_boundary_and_stops(tmp_p
     assert signal.getsignal(signal.SIGUSR1) == handler_before  # the flag handler is removed after fit
 
 
+def test_several_ranks_agree_on_the_signal_only_every_n_steps_one_rank_every_step(tmp_path):
+    """The multi-rank agreement is a host-blocking collective: it runs on steps divisible by N only."""
+    from types import SimpleNamespace
+
+    calls: list[int] = []
+
+    def make_trainer(world_size):
+        trainer = SimpleNamespace(global_step=0, world_size=world_size, should_stop=False)
+        trainer.strategy = SimpleNamespace(
+            reduce_boolean_decision=lambda flag, all=True: calls.append(trainer.global_step) or flag)
+        return trainer
+
+    for world_size, expected in ((2, [5, 10, 15]), (1, list(range(1, 18)))):
+        calls.clear()
+        callback = PreemptionCallback(tmp_path, check_every_n_steps=5)
+        trainer = make_trainer(world_size)
+        callback.on_train_start(trainer, None)
+        for step in range(1, 18):
+            trainer.global_step = step
+            callback.on_train_batch_end(trainer, None, None, None, step)
+            callback.on_train_batch_end(trainer, None, None, None, step)  # an accumulation micro-batch: no new step
+        assert calls == expected and not callback.preempted
+    with pytest.raises(ValueError, match="preemption_check_every_n_steps"):
+        PreemptionCallback(tmp_path, check_every_n_steps=0)
+
+
 # ---------------------------------------------------------------------------------------------- SIGKILL
 KILL_AT_STEP = 6  # killed inside training_step of optimizer step 7 (after its forward pass)
 KILLED_RUN = """

@@ -120,7 +120,7 @@ def test_two_task_ddp_job_runs_through_the_rendered_script(job_env, data_cache, 
 def test_usr1_checkpoints_requeues_and_finishes_with_every_step_once(job_env, data_cache, tiny_prepared, tmp_path):
     max_steps = 60
     sub = submit(_overrides(data_cache, "preempt", f"trainer.max_steps={max_steps}", "callbacks.checkpoint_every_n_steps=10",
-                            "trainer.val_check_interval=1000", "logger.wandb=true", "logger.wandb_mode=offline",
+                            "trainer.val_check_interval=1000", "cluster.preemption_check_every_n_steps=3", "logger.wandb=true", "logger.wandb_mode=offline",
                             *WANDB_LIGHT),
                  workdir=tmp_path)
     ckpt_dir = sub.run_dir / "checkpoints"
@@ -140,7 +140,7 @@ def test_usr1_checkpoints_requeues_and_finishes_with_every_step_once(job_env, da
     assert fields["Restarts"] == "1", _diagnosis(job_env, sub.run_dir, fields)  # requeued once, by the job itself
     assert "preemption signal received" in log and f"requeued SLURM job {sub.job_id}" in log
     preempted_at = int(log.split("preemption signal received: saving")[1].split("at step ")[1].split()[0])
-    assert 10 <= preempted_at < max_steps
+    assert 10 <= preempted_at < max_steps and preempted_at % 3 == 0  # the ranks agree every 3rd step only
     assert "restart 1" in log and f"resuming from {ckpt_dir / f'preempted-step{preempted_at:07d}.ckpt'}" in log
 
     steps = [s for s, _ in _steps_and_losses(sub.run_dir)]

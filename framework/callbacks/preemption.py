@@ -6,7 +6,10 @@ optimizer step or of another checkpoint write, so the handler here only sets a f
 next training batch that completed an optimizer step, the ranks agree on the flag (an all-reduce: the
 signal reaches ranks at slightly different times), every rank takes part in saving
 ``preempted-step{step:07d}.ckpt`` through the strategy's checkpoint path (atomic for single files), and
-the trainer stops. The step in the name lets resume discovery rank it without opening it (sharded
+the trainer stops. With more than one rank the agreement is a collective whose result the host must read,
+which stalls the GPU's queue, so it runs only every ``check_every_n_steps`` optimizer steps (a single
+process reads its own flag every step for free); keep that many steps well inside SLURM's warning time
+(``--signal=USR1@<seconds>``). The step in the name lets resume discovery rank it without opening it (sharded
 checkpoints cannot always be read without unpickling); older preemption checkpoints are removed once
 the new one is complete. After ``trainer.fit`` returns, the
 train entry calls ``requeue()``: rank 0 runs ``scontrol requeue $SLURM_JOB_ID``, SLURM puts the job back
@@ -58,8 +61,11 @@ class PreemptionCallback(L.Callback):
     FILENAME = "preempted-step{step:07d}.ckpt"
 
     def __init__(self, checkpoint_dir: str | Path, signals: tuple[str | int, ...] = DEFAULT_SIGNALS,
-                 requeue: bool = True) -> None:
+                 requeue: bool = True, check_every_n_steps: int = 1) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"cluster.preemption_check_every_n_steps={check_every_n_steps} must be at least 1.")
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.check_every_n_steps = check_every_n_steps
         self.signals = tuple(parse_signal(s) for s in signals)
         self.requeue_enabled = requeue
         self.signal_received = False  # set by the handler, possibly on one rank only
@@ -92,6 +98,8 @@ class PreemptionCallback(L.Callback):
         if step == self._last_step:  # a gradient-accumulation micro-batch: no optimizer step happened
             return
         self._last_step = step
+        if trainer.world_size > 1 and step % self.check_every_n_steps:
+            return  # the same steps are skipped on every rank: global_step agrees across ranks
         # every rank reaches this point once per optimizer step, so the collective cannot deadlock
         if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
             return

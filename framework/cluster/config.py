@@ -28,6 +28,9 @@ class ClusterConfig:
     requeue: bool = True  # --requeue, and `scontrol requeue` after a preemption checkpoint
     # signals that mean "checkpoint at the next step and requeue" (USR1: our sbatch; USR2: submitit)
     requeue_signals: list[str] = field(default_factory=lambda: ["USR1", "USR2"])
+    # with several ranks, agreeing on a received signal is an all-reduce the host waits for (it drains the GPU's
+    # queue), so it happens every N optimizer steps; N x step time must stay well inside signal_seconds
+    preemption_check_every_n_steps: int = 10
     extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--constraint=h100"]
     setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. ["module load cuda/12.4"]
     env: dict[str, str] = field(default_factory=dict)  # exported in the batch script, e.g. {NCCL_DEBUG: WARN}
