@@ -98,7 +98,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
         callbacks=[checkpointing, ResumeStateCallback(),
                    *([MixtureTokensLogger()] if mixture else []),
-                   PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals))]
+                   PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
+                                      check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)]
         + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
            if cfg.callbacks.throughput else []),
         plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),
