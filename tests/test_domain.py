@@ -154,6 +154,29 @@ def test_transfer_copies_known_rows_and_averages_pieces(tmp_path, base_tok, pres
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), new.state_dict().values()))
 
 
+def test_token_pieces_of_a_new_tokenizer_spell_each_token(base_tok):
+    from framework.adapt import token_pieces
+
+    new = train_tokenizer(["Licensed under the Apache License, Version 2.0; hello world"] * 30, 512)
+    pieces = token_pieces(new, base_tok)
+    assert len(pieces) == new.get_vocab_size()
+    for token_id, ids in enumerate(pieces):
+        token = new.id_to_token(token_id)
+        assert "".join(base_tok.id_to_token(i) for i in ids) == token  # the old pieces spell the same bytes
+        assert (len(ids) == 1) == (token in base_tok.get_vocab())
+    assert pieces[:105] == [[i] for i in range(105)]  # special tokens map to themselves
+
+
+def test_recipe_refuses_a_missing_base(tmp_path):
+    from recipes.domain_adapt import main
+
+    with pytest.raises(SystemExit, match="no checkpoint at .*train the base first"):
+        main(["--base", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "out")])
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(SystemExit, match="directory without checkpoints/"):
+        main(["--base", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "out")])
+
+
 def test_transfer_vocabulary_rejects_wrong_piece_count():
     cfg = ModelConfig.from_name("tiny", vocab_size=300)
     with pytest.raises(ValueError, match="token pieces"):
