@@ -240,3 +240,16 @@ def test_domain_recipe_end_to_end(compose, data_cache, tmp_path, capsys):
     table = (tmp_path / "out" / "domain_adapt.md").read_text()
     assert "| domain (licenses) |" in table and "| general (stdlib) |" in table
     assert "| domain (licenses) |" in capsys.readouterr().out
+
+
+@needs_licenses
+def test_domain_experiment_continues_a_checkpoint_on_the_mixture(compose, tiny_prepared, tmp_path):
+    from framework.train import run
+
+    ckpt, _ = _checkpoint(tmp_path, "tiny", "clm", tiny_prepared.tokenizer(), record_tokenizer=True)
+    metrics = run(to_run_config(compose(["experiment=domain_legal", f"init_from={ckpt}",
+                                         f"data.tokenizer_path={tiny_prepared.tokenizer_path}", "data.max_documents=60",
+                                         "trainer.max_steps=2", "callbacks.throughput=false",
+                                         "callbacks.model_card=false"])), tmp_path / "run")
+    assert metrics["step"] == 2 and metrics["tokens_seen/legal"] + metrics["tokens_seen/general"] == metrics["tokens_seen"]
+    assert 0 < metrics["val_loss_nats/legal"] < 10 and 0 < metrics["val_loss_nats/general"] < 10
