@@ -27,6 +27,7 @@ from framework.data.datamodule import PretrainDataModule
 from framework.data.prepare import PreparedData, open_tokens
 from framework.data.tokenizer import SPECIAL_TOKENS, special_ids, tokenizer_hash
 from framework.models import ModelConfig, build_model
+from framework.objectives import objective_class
 
 VOCAB_ROWS = ("embed.weight", "lm_head.weight")  # (padded_vocab, d_model) in every family
 
@@ -61,7 +62,8 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], s
     return dict(hp), state, recorded
 
 
-def load_init_weights(model: nn.Module, config: ModelConfig, path: str | Path, tokenizer_hash: str | None = None) -> None:
+def load_init_weights(model: nn.Module, config: ModelConfig, path: str | Path,
+                      tokenizer_hash: str | None = None) -> None:
     """Copy the model weights of checkpoint ``path`` into ``model`` (built from ``config``); refuses mismatches.
     ``tokenizer_hash``: the run's tokenizer (``tokenizer_hash``), refused when the checkpoint records another."""
     hp, state, recorded = _read_checkpoint(path)
@@ -188,8 +190,6 @@ def evaluate_split(module, prepared: PreparedData, seq_len: int, micro_batch_siz
 
 def module_from_checkpoint(path: str | Path):
     """The objective's ``PretrainModule`` of a single-file checkpoint, weights loaded, in eval mode."""
-    from framework.objectives import objective_class
-
     hp, state = load_framework_checkpoint(path)
     module = objective_class(hp["objective"]["name"])(
         **{k: hp[k] for k in ("model_config", "optim", "objective", "special_ids", "max_steps", "seq_len")},

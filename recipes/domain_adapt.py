@@ -41,6 +41,7 @@ from framework.data import tokenizer as tk
 from framework.data.config import DataConfig
 from framework.data.prepare import prepare_data
 from framework.data.sources import is_validation, iter_documents
+from framework.models.config import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = ("domain", "general")
@@ -114,8 +115,6 @@ def train_overrides(args: argparse.Namespace, hp: dict, init: Path, tokenizer_pa
                     data: dict[str, DataConfig]) -> list[str]:
     """Hydra overrides of conf/train.yaml for the continued pretraining: the base's objective and model shape."""
     model = hp["model_config"]
-    from framework.models.config import PRESETS
-
     over = [f"objective={hp['objective']['name']}"] + [f"objective.{k}={v}" for k, v in hp["objective"].items()
                                                       if k != "name"]
     over += [f"model.preset={model['name'] if model['name'] in PRESETS else 'tiny'}"]
@@ -194,7 +193,8 @@ def report(results: dict, out: Path) -> str:
         summary += (f"; against the base model with its own tokenizer, general {base_general:.4f} -> "
                     f"{after_general:.4f} nats/byte ({after_general - base_general:+.4f})")
     (out / "domain_adapt.json").write_text(json.dumps(results, indent=2))
-    (out / "domain_adapt.md").write_text(f"# Domain adaptation of {results['base_checkpoint']}\n\n{table}\n\n{summary}\n")
+    title = f"# Domain adaptation of {results['base_checkpoint']}"
+    (out / "domain_adapt.md").write_text(f"{title}\n\n{table}\n\n{summary}\n")
     return f"{table}\n\n{summary}"
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.adapt import adapt_checkpoint, load_init_weights, module_from_checkpoint, token_bytes, transfer_vocabulary
+from framework.adapt import (
+    adapt_checkpoint, load_init_weights, module_from_checkpoint, token_bytes, transfer_vocabulary,
+)
 from framework.config import to_run_config
 from framework.data.config import DataConfig
 from framework.data.sources import iter_documents, license_documents, license_fingerprint
@@ -251,5 +253,6 @@ def test_domain_experiment_continues_a_checkpoint_on_the_mixture(compose, tiny_p
                                          f"data.tokenizer_path={tiny_prepared.tokenizer_path}", "data.max_documents=60",
                                          "trainer.max_steps=2", "callbacks.throughput=false",
                                          "callbacks.model_card=false"])), tmp_path / "run")
-    assert metrics["step"] == 2 and metrics["tokens_seen/legal"] + metrics["tokens_seen/general"] == metrics["tokens_seen"]
+    assert metrics["step"] == 2
+    assert metrics["tokens_seen/legal"] + metrics["tokens_seen/general"] == metrics["tokens_seen"]
     assert 0 < metrics["val_loss_nats/legal"] < 10 and 0 < metrics["val_loss_nats/general"] < 10

@@ -91,7 +91,8 @@ def extend_tokenizer(base: Tokenizer, texts: Iterable[str], num_new_tokens: int,
     spec = json.loads(base.to_str())
     model = spec["model"]
     if model.get("type") != "BPE" or spec.get("pre_tokenizer") is None:
-        raise ValueError("extend_tokenizer needs a byte-level BPE tokenizer of this framework (framework.data.tokenizer).")
+        raise ValueError("extend_tokenizer needs a byte-level BPE tokenizer of this framework "
+                         "(framework.data.tokenizer).")
     vocab: dict[str, int] = model["vocab"]
     next_id = max(max(vocab.values()), max((t["id"] for t in spec.get("added_tokens", [])), default=-1)) + 1
     string_merges = bool(model["merges"]) and isinstance(model["merges"][0], str)  # older files: "a b"
