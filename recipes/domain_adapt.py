@@ -126,7 +126,7 @@ def train_overrides(args: argparse.Namespace, hp: dict, init: Path, tokenizer_pa
              f"trainer.val_check_interval={max(1, args.steps // 4)}", f"optim.lr={args.lr}",
              f"optim.warmup_steps={max(1, args.steps // 10)}", f"seed={args.seed}", "resume=never",
              f"name={run_dir.parent.name}-train", f"run_dir={run_dir}", "callbacks.model_card=false"]
-    over += [] if has_mixtures() else domain_only_overrides(data)
+    over += mixture_overrides(args, data) if has_mixtures() else domain_only_overrides(data)
     if args.curation:
         over.append("data.curation.enabled=true")
     return over + list(args.overrides)
@@ -143,19 +143,17 @@ def domain_only_overrides(data: dict[str, DataConfig]) -> list[str]:
         [f"data.paths=[{','.join(d.paths)}]"] if d.paths else [])
 
 
-def with_mixture(cfg, args: argparse.Namespace, data: dict[str, DataConfig]):
-    """``cfg`` (a TrainConfig) training on ``data.sources`` = {domain, general} weighted ``data.mixture``: the
-    same as the overrides 'data.sources={domain:{source:licenses},general:{source:stdlib}}'
-    'data.mixture={domain:0.5,general:0.5}', set on the typed config."""
-    from framework.data.config import SourceSpec
-
-    def spec(d: DataConfig) -> SourceSpec:
-        return SourceSpec(source=d.source, paths=list(d.paths) or None, max_documents=d.max_documents)
+def mixture_overrides(args: argparse.Namespace, data: dict[str, DataConfig]) -> list[str]:
+    """'data.sources={domain:{source:licenses,...},general:{source:stdlib,...}}'
+    'data.mixture={domain:w,general:1-w}'."""
+    def entry(cfg: DataConfig) -> str:
+        fields = [f"source:{cfg.source}"] + ([f"max_documents:{cfg.max_documents}"] if cfg.max_documents else [])
+        fields += [f"paths:[{','.join(cfg.paths)}]"] if cfg.paths else []
+        return "{" + ",".join(fields) + "}"
 
     w = args.domain_weight
-    cfg.data = replace(cfg.data, sources={s: spec(data[s]) for s in SPLITS},
-                       mixture={"domain": w, "general": round(1.0 - w, 6)})
-    return cfg
+    return [f"data.sources={{domain:{entry(data['domain'])},general:{entry(data['general'])}}}",
+            f"data.mixture={{domain:{w},general:{round(1.0 - w, 6)}}}"]
 
 
 def compose_train_config(overrides: list[str]):
@@ -270,12 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
     stage(f"continued pretraining: {args.steps} steps -> {run_dir}")
     from framework.train import run
 
-    cfg = compose_train_config(overrides)
-    if has_mixtures():
-        cfg = with_mixture(cfg, args, data)
-    else:
+    if not has_mixtures():
         stage("note: this framework has no data.mixture; continuing on the domain source alone")
-    results["train_metrics"] = run(cfg, run_dir)
+    results["train_overrides"] = overrides  # the same run by hand: python3 -m framework.train <these>
+    results["train_metrics"] = run(compose_train_config(overrides), run_dir)
     stage("evaluating AFTER continued pretraining")
     results["after"] = evaluate(run_dir / "checkpoints" / "last.ckpt", data, tok_path, args)
     print("\n" + report(results, out) + f"\n\nwritten: {out / 'domain_adapt.json'}, {out / 'domain_adapt.md'}")

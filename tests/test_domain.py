@@ -236,6 +236,8 @@ def test_domain_recipe_end_to_end(compose, data_cache, tmp_path, capsys):
         for split in ("domain", "general"):
             assert results[when][split]["tokens"] > 0 and 0 < results[when][split]["loss_nats"] < 10
     assert results["vocab_size"] == 512 + 32 and results["train_metrics"]["step"] == 30
+    # trained on the mixture: both sources fed the run
+    assert results["train_metrics"]["tokens_seen/domain"] > 0 and results["train_metrics"]["tokens_seen/general"] > 0
     assert results["after"]["domain"]["loss_nats"] < results["before"]["domain"]["loss_nats"] - 0.1
     saved = json.loads((tmp_path / "out" / "domain_adapt.json").read_text())
     assert saved["after"] == results["after"]
