@@ -62,6 +62,7 @@ from framework.objectives.base import module_kwargs  # noqa: E402
 from framework.objectives.config import ObjectiveConfig, OptimConfig  # noqa: E402
 from framework.scaling.hardware import detect_accelerator  # noqa: E402
 from framework.scaling.memory import GB, PRECISION_MODES, estimate_memory  # noqa: E402
+from framework.scaling.planner import sequence_lengths  # noqa: E402
 
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, tuple(range(5, 105)))
 FIRST_REGULAR_ID = 105
@@ -354,7 +355,8 @@ def bench_row(row: Row, opts: Options, prepared: PreparedData) -> dict:
         torch.cuda.empty_cache()
     cfg = ModelConfig.from_name(row.preset, vocab_size=prepared.vocab_size)
     planner = estimate_memory(cfg, info["params"], "auto", MODE_PRECISION.get(opts.precision, "fp32"), 1,
-                              row.micro_batch, row.seq_len, target_len=info.get("target_len"))
+                              row.micro_batch, row.seq_len, target_len=info.get("target_len"),
+                              head_rows=sequence_lengths(row.objective, row.seq_len)[1])  # MLM: selected rows
     peak, _ = peak_for(opts)
     step_s = lightning.step_s
     result = {

@@ -106,7 +106,8 @@ def render_markdown(plan: Plan, name: str, run_command: str) -> str:
         f"Chosen: **{plan.strategy}** + {plan.precision} ({PRECISION_MODES[plan.precision]})"
         + (" with activation checkpointing" if plan.activation_checkpointing else "")
         + f": weights {mem['weights_gb']:.2f} + gradients {mem['gradients_gb']:.2f} + optimizer "
-        f"{mem['optimizer_gb']:.2f} + activations {mem['activations_gb']:.2f} + buffers {mem['buffers_gb']:.2f} = "
+        f"{mem['optimizer_gb']:.2f} + activations {mem['activations_gb']:.2f} + buffers {mem['buffers_gb']:.2f} + "
+        f"autocast weight copies {mem.get('weight_copies_gb', 0.0):.2f} = "
         f"**{mem['total_gb']:.2f} GB** of {plan.gpu_memory_gb:.0f} GB (fits under 90%)",
         "",
         f"Total GB per GPU at micro-batch {plan.micro_batch} (no activation checkpointing / with); "

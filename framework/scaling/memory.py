@@ -20,16 +20,67 @@ ZeRO-Offload (Ren et al. 2021) keeps the 16-bit weights on the GPU and moves the
 fp32 gradient partitions) to CPU; with parameter offload (ZeRO-Infinity / stage 3 offload) the weights
 go to CPU as well and the GPU keeps only the layers being computed.
 
-Activations, per transformer layer and micro-batch of b sequences of s tokens, hidden size h, a heads, in
-16-bit (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", sec. 4.1,
-eq. 1, no tensor parallelism):  s b h (34 + 5 a s / h) bytes.
-The 5 a s / h term is the attention score matrix, its softmax and dropout mask; fused attention kernels
-(FlashAttention, PyTorch's SDPA flash / memory-efficient kernels) never store it, which leaves 34 s b h
-(the same as the paper's selective recomputation, sec. 4.2). With full activation checkpointing only each
-layer's input (2 s b h bytes) is kept, plus one layer's activations while it is recomputed (sec. 4.3).
-The output layer keeps the fp32 logits for the cross-entropy: 4 s b V bytes (sec. 4.1). fp32 activations
-take twice the 16-bit bytes. The 34 counts a GPT block with a 4h GELU MLP; a SwiGLU MLP of 8h/3 stores
-about the same, so the formula is used as is.
+Activations: the bytes autograd saves for the backward pass of one micro-batch of b sequences of s tokens,
+derived from this framework's blocks (``framework/models/layers.py``) and checked against a count of the
+tensors autograd really saves (``framework/scaling/saved_tensors.py``, ``tests/test_memory.py``).
+
+Reference point: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+sec. 4.1, eq. 1) count s b h (34 + 5 a s / h) bytes per GPT layer (LayerNorm, 4h GELU MLP, everything in
+16-bit); fused attention drops the 5 a s / h score term, leaving 34 s b h. Our blocks differ in ways that
+change the constant: RMSNorm computed in float32, SwiGLU (three d_ff-wide tensors), and above all torch
+autocast, under which the residual stream stays float32 and every matmul casts its float32 input anew
+(autocast caches casts of leaf tensors, i.e. weights, only). Measured: ~55 s b h per layer, not 34.
+
+Notation: t tokens of one sequence through a sub-layer (s, or the T5 decoder's T), n = b t, h = d_model,
+q = n_heads x head_dim (attention width), f = d_ff, a = n_heads. Per precision: r = bytes per element of
+the residual stream (4 under autocast and fp32, 2 in pure bf16), c = bytes per element of matmul inputs
+and outputs (2 under autocast and pure bf16, 4 in fp32). Term by term, named after the saved tensor:
+
+- RMSNorm(x) = w * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype): pow and mul save x32, the float32 input
+  (under autocast/fp32 the residual itself, in pure bf16 a float copy): 4 n h; the mul by rsqrt saves the
+  (B, t, 1) rsqrt: 4 n; the mul by w saves the normalised x: r n h. Per norm: (4 + r) n h + 4 n.
+- The norm's output feeds k linears (k = 3: wq, wk, wv; 2: w_gate, w_up; 1: a cross-attention's wq or the
+  LM head). Each linear saves its input: under autocast k distinct 16-bit casts, k c n h; otherwise the
+  one output, shared, c n h.
+- Rotary positions: q and k are rotated in float32 and cast back; the muls save only the cos/sin tables
+  (model buffers, not activations); the rotated q, k are what attention saves.
+- Fused attention (SDPA flash / memory-efficient kernels, and the CPU flash kernel): q, k, v, the output
+  and the float32 logsumexp (B, a, t): c n q (q) + 2 c n_kv q (k, v over the n_kv key tokens, after
+  grouped-query heads are repeated) + c n q (output; wo saves a view of the same storage) + 4 a n.
+  The math kernel (``fused_attention=False``) instead keeps the score matrices: Korthikanti's 5 a s^2 b
+  (scaled by c / 2) per attention is added.
+- An additive bias (T5 relative positions, shape (1, a, t, t_kv)) is saved by the kernel: under autocast
+  every layer casts it anew, c a t t_kv per layer; otherwise one tensor per stack. The decoder's
+  self-attention combines it with the causal mask per layer (masked_fill): c a T^2 + T^2 (bool mask) per
+  layer. The bucket ids (int64 (t, t)) are saved once per stack: 8 t^2.
+- SwiGLU: silu saves the gate projection, the product saves silu's output and the up projection, w_down
+  saves the product: 4 c n f.
+- A decoder-only / encoder block (two norms, attention, MLP) therefore saves, per layer:
+      (4 + r) 2 n h + 8 n + [3 or 1] c n h + 4 c n q + 4 a n + [2 or 1] c n h + 4 c n f
+  (bracketed: autocast / otherwise). bf16-mixed: 16 n h float32 + (18 n h + 8 n f) 16-bit when q = h;
+  gpt2-small (f = 2048 = 8h/3): 55.3 s b h, of which 16 float32. fp32: 40 n h + 16 n f.
+  pure bf16: 24 n h + 8 n f, of which 8 n h float32 (the norms' float copies).
+- T5 decoder block: as above plus cross-attention: norm + wq's input (1 consumer) + q, out over T and
+  k, v over the S encoder tokens; under autocast each layer's wk and wv cast the float32 encoder output
+  anew: 2 c b S h per layer (otherwise the encoder's final norm output, c b S h, once).
+- Loss heads: the final norm over the rows the stack ends with; the LM head's input (c x rows x h: every
+  position for causal LM and T5, the N = mask_probability s b selected rows for masked LM, whose
+  selection saves int64 indices, 16 N); the float32 log-softmax the cross-entropy keeps: 4 x rows x V
+  (Korthikanti sec. 4.1's 4 s b V); token ids and targets in int64 (8 bytes per token).
+- Dropout is 0 in every preset (``nn.Dropout(0)`` returns its input and saves nothing).
+
+Activation checkpointing (``framework.distributed.parallelize``, per block, non-reentrant): each block's
+input (the residual, r n h per layer) + one block's activations while it is recomputed (Korthikanti
+sec. 4.3) + what lies outside the blocks (stack-shared biases, encoder output, loss head).
+
+Autocast's weight copies: under torch autocast (strategies auto/ddp with bf16/fp16) each weight matrix
+used by a matmul is cast to 16-bit once per forward and the cast is cached until the forward ends, so
+autograd holds them until backward: 2 bytes per linear-layer parameter, reported as its own line
+(``MemoryEstimate.weight_copies``). DeepSpeed and FSDP2 (param_dtype bf16) run the model's weights in
+16-bit already: no copies, and the residual stream is 16-bit (the pure bf16 pattern above).
+
+Not modelled: ``torch.compile``'s partitioner may recompute cheap pointwise ops and save less; the
+efficient kernel pads a bias's last dimension to a multiple of 16; transient buffers of the backward pass.
 """
 
 from __future__ import annotations
@@ -110,32 +161,171 @@ def model_state_bytes(n_params: float, stage: int, shards: int, state: StateByte
     }
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, state: StateBytes, *,
-                     checkpointing: bool = False, fused_attention: bool = True, target_len: int | None = None) -> float:
-    """Activation bytes kept for the backward pass of one micro-batch (Korthikanti et al. 2022 sec. 4)."""
-    scale = state.activation_bytes / 2  # the paper's constants are for 16-bit activations
-    h, a, b = cfg.d_model, cfg.n_heads, micro_batch
+@dataclass(frozen=True)
+class ActivationDtypes:
+    """Bytes per element of what a forward pass saves (see the module docstring)."""
 
-    def layer(s: int, cross_s: int = 0) -> float:
-        per = s * b * h * 34 + (0 if fused_attention else 5 * a * s * s * b)
-        if cross_s:  # a decoder layer's cross-attention: the attention part of the 34 (11 s b h) once more
-            per += 11 * s * b * h + (0 if fused_attention else 5 * a * s * cross_s * b)
-        return per
+    residual: int  # r: the residual stream between blocks (float32 under autocast)
+    compute: int  # c: matmul inputs/outputs and attention tensors
+    autocast: bool  # torch autocast: every matmul casts its float32 input anew, weights cast once and cached
 
+
+# keys are the ``precision`` config group's option names
+ACTIVATION_DTYPES: dict[str, ActivationDtypes] = {
+    "fp32": ActivationDtypes(4, 4, False),
+    "fp16": ActivationDtypes(4, 2, True),
+    "bf16": ActivationDtypes(4, 2, True),
+    "bf16_true": ActivationDtypes(2, 2, False),
+}
+
+
+def activation_dtypes(precision: str, strategy: str = "auto") -> ActivationDtypes:
+    """The activation pattern of ``precision`` under ``strategy``: torch autocast for auto/ddp; DeepSpeed and
+    FSDP2 (param_dtype bf16) run 16-bit weights, so mixed precision saves what pure bf16 saves."""
+    if precision not in ACTIVATION_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(ACTIVATION_DTYPES)}.")
+    dtypes = ACTIVATION_DTYPES[precision]
+    if dtypes.autocast and strategy.startswith(("deepspeed", "fsdp")):
+        return ActivationDtypes(2, 2, False)
+    return dtypes
+
+
+@dataclass(frozen=True)
+class SavedTerm:
+    """One line of the activation formula: ``bytes`` saved for backward, ``float32`` or not."""
+
+    name: str
+    bytes: float
+    float32: bool
+
+
+def activation_terms(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, *, strategy: str = "auto",
+                     checkpointing: bool = False, fused_attention: bool = True, target_len: int | None = None,
+                     head_rows: int | None = None) -> list[SavedTerm]:
+    """The bytes autograd saves for one micro-batch of ``micro_batch`` sequences of ``seq_len`` tokens, term by
+    term (module docstring). ``target_len``: T5's decoder length (default ``seq_len``); ``head_rows``: rows per
+    sequence through the LM head (masked LM: the selected positions; default every position)."""
+    dt = activation_dtypes(precision, strategy)
+    r, c = dt.residual, dt.compute
+    b, h, f, a = micro_batch, cfg.d_model, cfg.d_ff, cfg.n_heads
+    width = cfg.n_heads * cfg.head_dim  # q: attention width (T5 presets may have q != h)
+    terms: list[SavedTerm] = []
+
+    def add(name: str, nbytes: float, float32: bool) -> None:
+        terms.append(SavedTerm(name, float(nbytes), float32))
+
+    def norm(n: int) -> list[SavedTerm]:  # RMSNorm over n tokens: float32 input + rsqrt, normalised x
+        return [SavedTerm("rmsnorm float32 input + rsqrt", 4 * n * h + 4 * n, True),
+                SavedTerm("rmsnorm normalised", r * n * h, r == 4)]
+
+    def consumers(n: int, k: int, rows_h: int | None = None) -> SavedTerm:  # inputs of k linears fed by one norm
+        width_in = h if rows_h is None else rows_h
+        return SavedTerm(f"linear inputs ({k})", (k if dt.autocast else 1) * c * n * width_in, c == 4)
+
+    def attention(n_q: int, n_kv: int, t_q: int, t_kv: int) -> list[SavedTerm]:  # n_*: tokens, t_*: per sequence
+        out = [SavedTerm("attention q, k, v, output", c * width * (2 * n_q + 2 * n_kv), c == 4),
+               SavedTerm("attention logsumexp", 4 * a * n_q, True)]
+        if not fused_attention:  # Korthikanti eq. 1's score term, 5 a s^2 b in 16-bit
+            out.append(SavedTerm("attention scores (math kernel)", c / 2 * 5 * a * t_q * t_kv * b, c == 4))
+        return out
+
+    def mlp(n: int) -> list[SavedTerm]:
+        return [consumers(n, 2), SavedTerm("swiglu gate, silu, up, product", 4 * c * n * f, c == 4)]
+
+    def block(t: int, bias: bool) -> list[SavedTerm]:  # a self-attention + MLP block over t tokens per sequence
+        n = b * t
+        out = norm(n) + [consumers(n, 3)] + attention(n, n, t, t) + norm(n) + mlp(n)
+        if bias and dt.autocast:  # autocast casts the stack's float32 bias anew in every layer
+            out.append(SavedTerm("attention bias (16-bit cast)", c * a * t * t, False))
+        return out
+
+    def cross_block(t: int, s: int) -> list[SavedTerm]:  # T5 decoder block: t targets, s encoder tokens
+        n, n_s = b * t, b * s
+        out = norm(n) + [consumers(n, 3)] + attention(n, n, t, t)
+        out += [SavedTerm("causal self-attention bias", c * a * t * t, c == 4), SavedTerm("causal mask", t * t, False)]
+        out += norm(n) + [consumers(n, 1)] + attention(n, n_s, t, s)
+        if dt.autocast:  # wk and wv cast the float32 encoder output anew in every layer
+            out.append(SavedTerm("cross-attention k, v inputs", 2 * c * n_s * h, False))
+        return out + norm(n) + mlp(n)
+
+    def total(ts: list[SavedTerm]) -> float:
+        return sum(t.bytes for t in ts)
+
+    def layers(stack: list[list[SavedTerm]], t: int) -> None:
+        if checkpointing:  # each block's input (the residual) + one block's activations while recomputed
+            add("checkpointed block inputs", len(stack) * r * b * t * h, r == 4)
+            biggest = max(stack, key=total)
+            terms.extend(SavedTerm(f"recomputed block: {x.name}", x.bytes, x.float32) for x in biggest)
+        else:
+            for layer in stack:
+                terms.extend(layer)
+
+    s = seq_len
     if cfg.family == "encoder_decoder":
         t = target_len or seq_len
-        layers = [layer(seq_len)] * cfg.n_layers + [layer(t, seq_len)] * cfg.n_decoder_layers
-        inputs = [2 * seq_len * b * h] * cfg.n_layers + [2 * t * b * h] * cfg.n_decoder_layers
-        logits = 4 * t * b * cfg.padded_vocab_size
+        layers([block(s, bias=True)] * cfg.n_layers, s)
+        layers([cross_block(t, s)] * cfg.n_decoder_layers, t)
+        # once per stack: bucket ids (int64); the bias itself when not cast per layer (or held by checkpointing)
+        # (without autocast c = r: the stack's tensors are saved as they are, in the residual dtype)
+        add("relative position bucket ids", 8 * (s * s + t * t), False)
+        if not dt.autocast or checkpointing:  # one bias per stack (checkpointing: an input of every block)
+            add("encoder attention bias", r * a * s * s, r == 4)
+        if checkpointing:
+            add("decoder attention bias", r * a * t * t, r == 4)
+        terms.extend(norm(b * s))  # encoder's final norm
+        if not dt.autocast or checkpointing:  # the encoder output, shared by every decoder layer's wk, wv
+            add("encoder output", r * b * s * h, r == 4)
+        rows = b * t
+        terms.extend(norm(rows))
+        terms.append(consumers(rows, 1))
+        add("token ids and targets (int64)", 8 * (b * s + 2 * b * t), False)
     else:
-        layers = [layer(seq_len)] * cfg.n_layers
-        inputs = [2 * seq_len * b * h] * cfg.n_layers
-        logits = 4 * seq_len * b * cfg.padded_vocab_size
-    if checkpointing:
-        kept = sum(inputs) + max(layers)  # layer inputs + one layer recomputed at a time
-    else:
-        kept = sum(layers)
-    return scale * kept + logits
+        layers([block(s, bias=False)] * cfg.n_layers, s)
+        terms.extend(norm(b * s))  # final norm over every position
+        if head_rows is None:
+            rows = b * s
+            add("token ids and targets (int64)", 16 * b * s, False)
+        else:  # masked LM: only the selected rows go through the head
+            rows = b * head_rows
+            add("token ids, selected labels and row indices (int64)", 8 * b * s + 24 * rows, False)
+        terms.append(consumers(rows, 1))
+    add("float32 log-softmax of the logits", 4 * rows * cfg.padded_vocab_size, True)
+    return terms
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, **kwargs) -> float:
+    """Bytes autograd keeps for the backward pass of one micro-batch: the sum of ``activation_terms``."""
+    return sum(t.bytes for t in activation_terms(cfg, micro_batch, seq_len, precision, **kwargs))
+
+
+def korthikanti_activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, *, bytes_per_element: int = 2,
+                                 target_len: int | None = None) -> float:
+    """The reference point (the planner's formula until 2026-11): Korthikanti et al. 2022 eq. 1 with fused
+    attention, 34 s b h bytes per 16-bit GPT layer (+ 11 s b h for a T5 decoder layer's cross-attention),
+    scaled by ``bytes_per_element`` / 2, plus the float32 logits 4 s b V (sec. 4.1)."""
+    b, h, s = micro_batch, cfg.d_model, seq_len
+    per_layer = bytes_per_element / 2 * 34 * s * b * h
+    if cfg.family == "encoder_decoder":
+        t = target_len or seq_len
+        decoder = bytes_per_element / 2 * 45 * t * b * h
+        return cfg.n_layers * per_layer + cfg.n_decoder_layers * decoder + 4 * t * b * cfg.padded_vocab_size
+    return cfg.n_layers * per_layer + 4 * s * b * cfg.padded_vocab_size
+
+
+def linear_params(cfg: ModelConfig) -> int:
+    """Parameters of the matmul weights (every linear layer and the LM head): what autocast casts to 16-bit."""
+    d, q = cfg.d_model, cfg.n_heads * cfg.head_dim
+    attn = 2 * d * q + 2 * d * cfg.n_kv_heads * cfg.head_dim
+    mlp = 3 * d * cfg.d_ff
+    n = cfg.n_layers * (attn + mlp) + cfg.padded_vocab_size * d
+    if cfg.family == "encoder_decoder":
+        n += cfg.n_decoder_layers * (2 * attn + mlp)
+    return n
+
+
+def weight_copy_bytes(cfg: ModelConfig, precision: str, strategy: str = "auto") -> float:
+    """Autocast's cached 16-bit weight copies, held from forward to backward: 2 bytes per matmul parameter."""
+    return 2.0 * linear_params(cfg) if activation_dtypes(precision, strategy).autocast else 0.0
 
 
 @dataclass
@@ -154,6 +344,7 @@ class MemoryEstimate:
     checkpointing: bool = False
     micro_batch: int = 1
     notes: list[str] = field(default_factory=list)
+    weight_copies: float = 0.0  # autocast's 16-bit weight copies, held from forward to backward
 
     @property
     def model_states(self) -> float:
@@ -161,7 +352,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.activations + self.buffers
+        return self.model_states + self.activations + self.buffers + self.weight_copies
 
     def fits(self, capacity_bytes: float, usable_fraction: float = 0.9) -> bool:
         """Fits when the total is below ``usable_fraction`` of the device (CUDA context, allocator
@@ -173,7 +364,8 @@ class MemoryEstimate:
             "strategy": self.strategy, "precision": self.precision, "n_gpus": self.n_gpus,
             "micro_batch": self.micro_batch, "checkpointing": self.checkpointing,
             "weights_gb": self.weights / GB, "gradients_gb": self.gradients / GB, "optimizer_gb": self.optimizer / GB,
-            "activations_gb": self.activations / GB, "buffers_gb": self.buffers / GB, "total_gb": self.total / GB,
+            "activations_gb": self.activations / GB, "buffers_gb": self.buffers / GB,
+            "weight_copies_gb": self.weight_copies / GB, "total_gb": self.total / GB,
             "cpu_gb": self.cpu / GB,
         }
 
@@ -189,9 +381,10 @@ def largest_layer_params(cfg: ModelConfig) -> int:
 
 def estimate_memory(cfg: ModelConfig, n_params: int, strategy: str, precision: str, n_gpus: int, micro_batch: int,
                     seq_len: int, *, gpus_per_node: int = 8, checkpointing: bool = False, target_len: int | None = None,
-                    fused_attention: bool = True) -> MemoryEstimate:
+                    fused_attention: bool = True, head_rows: int | None = None) -> MemoryEstimate:
     """Per-GPU memory of training ``cfg`` (``n_params`` parameters) with ``strategy`` and ``precision`` on
-    ``n_gpus`` GPUs, micro-batches of ``micro_batch`` sequences of ``seq_len`` tokens."""
+    ``n_gpus`` GPUs, micro-batches of ``micro_batch`` sequences of ``seq_len`` tokens (``head_rows``: LM-head
+    rows per sequence, masked LM's selected positions; default every position)."""
     if strategy not in STRATEGY_SPECS:
         raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGY_SPECS)}.")
     if precision not in PRECISION_STATE_BYTES:
@@ -212,7 +405,8 @@ def estimate_memory(cfg: ModelConfig, n_params: int, strategy: str, precision: s
             states["weights"] = 0.0
         notes.append("offloaded states need host memory: see cpu_gb")
     buffers = 2 * state.weights * largest_layer_params(cfg) if stage == 3 else 0.0
-    acts = activation_bytes(cfg, micro_batch, seq_len, state, checkpointing=checkpointing,
-                            fused_attention=fused_attention, target_len=target_len)
+    acts = activation_bytes(cfg, micro_batch, seq_len, precision, strategy=strategy, checkpointing=checkpointing,
+                            fused_attention=fused_attention, target_len=target_len, head_rows=head_rows)
     return MemoryEstimate(strategy, precision, n_gpus, states["weights"], states["gradients"], states["optimizer"],
-                          acts, buffers, cpu, checkpointing, micro_batch, notes)
+                          acts, buffers, cpu, checkpointing, micro_batch, notes,
+                          weight_copy_bytes(cfg, precision, strategy))

@@ -206,7 +206,8 @@ def _supports_checkpointing() -> bool:
 
 
 def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_batch: int, seq_len: int,
-                    target_len: int | None, capacity: float, strategies: list[str]) -> tuple[MemoryEstimate, list[str]]:
+                    target_len: int | None, capacity: float, strategies: list[str],
+                    head_rows: int | None = None) -> tuple[MemoryEstimate, list[str]]:
     """The first strategy (in order of cost, ``memory.STRATEGIES``) and largest power-of-two micro-batch
     dividing ``per_gpu_batch`` that fit; activation checkpointing only when nothing fits without it."""
     tried: list[str] = []
@@ -228,7 +229,8 @@ def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_b
             while micro >= 1:
                 if per_gpu_batch % micro == 0:
                     est = estimate_memory(cfg, n_params, spec.name, req.precision, req.n_gpus, micro, seq_len,
-                                          gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len)
+                                          gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len,
+                                          head_rows=head_rows)
                     if est.fits(capacity, USABLE_MEMORY_FRACTION):
                         return est, tried
                 micro //= 2
@@ -293,14 +295,16 @@ def make_plan(req: PlanRequest) -> Plan:
     warmup = max(1, min(2000, steps // 20))
 
     strategies = [s for s in available_options(req.conf_dir, "strategy") if s in STRATEGY_SPECS]
-    chosen, _ = choose_strategy(cfg, n_params, req, per_gpu, seq_len, target_len, capacity, strategies)
+    chosen, _ = choose_strategy(cfg, n_params, req, per_gpu, seq_len, target_len, capacity, strategies,
+                                head_rows_per_seq)
     micro = chosen.micro_batch
     table = []
     for spec in STRATEGIES:
         for precision in PRECISION_STATE_BYTES:
             for ckpt in (False, True):
                 est = estimate_memory(cfg, n_params, spec.name, precision, req.n_gpus, micro, seq_len,
-                                      gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len)
+                                      gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len,
+                                      head_rows=head_rows_per_seq)
                 row = est.as_dict()
                 row["fits"] = est.fits(capacity, USABLE_MEMORY_FRACTION)
                 row["available"] = spec.name in strategies
