@@ -70,7 +70,7 @@ def test_activation_formula_by_hand():
     enc = ModelConfig(family="encoder", d_model=1024, n_layers=24, n_heads=16, d_ff=2816, vocab_size=50000,
                       max_seq_len=2048)
     rows = 0.15 * s
-    mlm_head = 8 * n * h + 4 * n + 2 * b * rows * h + 4 * b * rows * v + 8 * n + 24 * b * rows
+    mlm_head = 8 * n * h + 4 * n + 2 * b * rows * h + 4 * b * rows * v + 8 * n + 8 * b * rows + n
     assert activation_bytes(enc, b, s, "bf16", head_rows=rows) == pytest.approx(L * bf16_layer + mlm_head)
 
 
@@ -108,7 +108,8 @@ from framework.data.tokenizer import SpecialIds  # noqa: E402
 from framework.objectives import OBJECTIVES  # noqa: E402
 from framework.objectives.base import module_kwargs  # noqa: E402
 from framework.objectives.config import ObjectiveConfig, OptimConfig  # noqa: E402
-from framework.scaling.saved_tensors import efficient_attention_on_cpu, saved_tensor_bytes  # noqa: E402
+from framework.scaling.saved_tensors import (efficient_attention_on_cpu, retained_tensor_bytes,  # noqa: E402
+                                             saved_tensor_bytes)
 
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, tuple(range(5, 105)))
 # tiny but not trivial: grouped-query heads (decoder), q = n_heads x head_dim != d_model (T5), d_ff != 8h/3
@@ -121,22 +122,27 @@ SHAPES = {
 }
 
 
-def _measure(objective: str, precision: str, batch_size: int, seq_len: int) -> tuple[dict, dict, ModelConfig]:
+def _module_and_batch(objective: str, precision: str, batch_size: int, seq_len: int, checkpointing: bool = False):
+    """The objective's module on a tiny ``SHAPES`` model (bf16_true: cast to bf16), one collated batch, and the
+    shape arguments of ``activation_terms`` (T5's target length; masked LM's selected rows per sequence)."""
+    from framework.distributed.parallelize import apply_activation_checkpointing, blocks
+
     cfg = ModelConfig(**SHAPES[objective], vocab_size=1000)
     cls, obj = OBJECTIVES[objective], ObjectiveConfig(name=objective)
     torch.manual_seed(0)
     module = cls(**module_kwargs(cfg, OptimConfig(), obj, SPECIAL, 10, seq_len))
     if precision == "bf16_true":
         module = module.to(torch.bfloat16)
+    if checkpointing:  # what framework.distributed.parallelize applies with strategy.activation_checkpointing
+        for block in blocks(module.model):
+            apply_activation_checkpointing(block)
     window = torch.randint(105, 1000, (batch_size, cls.window_length(seq_len, obj)))
     collate = module.collator()
     batch = collate(window) if collate else window
-    autocast = torch.bfloat16 if precision == "bf16" else None
-    saved = saved_tensor_bytes(lambda: module.compute_loss(batch)[0], module, "cpu", autocast)
     shape = {"target_len": int(batch["labels"].shape[1]) if objective == "span_corruption" else None}
     if objective == "mlm":
         shape["head_rows"] = int((batch["labels"] != -100).sum()) / batch_size
-    return saved, shape, cfg
+    return module, batch, cfg, shape
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32", "bf16_true"])
@@ -147,8 +153,10 @@ def test_activation_formula_matches_saved_tensors(objective, precision):
     nothing; what is left is int64 bookkeeping such as a view vs a copy of the targets). Float32 and 16-bit
     shares are checked separately, and autocast's weight copies exactly."""
     b, s = 2, 64
+    module, batch, cfg, shape = _module_and_batch(objective, precision, b, s)
     with efficient_attention_on_cpu():  # T5's biased attention saves what CUDA's efficient kernel saves
-        saved, shape, cfg = _measure(objective, precision, b, s)
+        saved = saved_tensor_bytes(lambda: module.compute_loss(batch)[0], module, "cpu",
+                                   torch.bfloat16 if precision == "bf16" else None)
     terms = activation_terms(cfg, b, s, precision, **shape)
     predicted = sum(t.bytes for t in terms)
     predicted_fp32 = sum(t.bytes for t in terms if t.float32)
@@ -171,3 +179,25 @@ def test_efficient_attention_stand_in_matches_sdpa():
     for got, want in zip(torch.autograd.grad(out.square().sum(), (q, k, v, bias)), grads_expected):
         torch.testing.assert_close(got, want)
     assert F.scaled_dot_product_attention(q, k, v, attn_mask=bias).grad_fn.name() != out.grad_fn.name()  # restored
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "bf16_true"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "span_corruption"])
+def test_checkpointed_activations_match_retained_storages(objective, precision):
+    """With the framework's per-block activation checkpointing, what stays allocated after the forward (every
+    storage an operator created that is still alive: saved-tensor hooks do not see what checkpointing holds)
+    is the formula's checkpointed terms without the block being recomputed: each block's input, the stacks'
+    shared tensors and the loss head. Under autocast the LM head's 16-bit weight copy is saved too (the
+    blocks' copies die with autocast's cache at the end of the forward and are recast on recomputation)."""
+    module, batch, cfg, shape = _module_and_batch(objective, precision, 2, 64, checkpointing=True)
+    with efficient_attention_on_cpu():
+        kept = retained_tensor_bytes(lambda: module.compute_loss(batch)[0], module, "cpu",
+                                     torch.bfloat16 if precision == "bf16" else None)
+    terms = [t for t in activation_terms(cfg, 2, 64, precision, checkpointing=True, **shape)
+             if not t.name.startswith("recomputed block") and "int64" not in t.name]
+    head_copy = 2 * cfg.padded_vocab_size * cfg.d_model if precision == "bf16" else 0
+    # to the byte but the cross-entropy's 4-byte total weight
+    assert kept["fp32"] == pytest.approx(sum(t.bytes for t in terms if t.float32), abs=8)
+    assert kept["other"] - head_copy == pytest.approx(sum(t.bytes for t in terms if not t.float32), abs=8)
+    full = activation_terms(cfg, 2, 64, precision, **shape)
+    assert sum(t.bytes for t in terms) < 0.5 * sum(t.bytes for t in full)  # checkpointing keeps much less

@@ -64,8 +64,8 @@ and outputs (2 under autocast and pure bf16, 4 in fp32). Term by term, named aft
   k, v over the S encoder tokens; under autocast each layer's wk and wv cast the float32 encoder output
   anew: 2 c b S h per layer (otherwise the encoder's final norm output, c b S h, once).
 - Loss heads: the final norm over the rows the stack ends with; the LM head's input (c x rows x h: every
-  position for causal LM and T5, the N = mask_probability s b selected rows for masked LM, whose
-  selection saves int64 indices, 16 N); the float32 log-softmax the cross-entropy keeps: 4 x rows x V
+  position for causal LM and T5, the N = mask_probability s b selected rows for masked LM, picked by a
+  (B, s) bool mask, b s bytes); the float32 log-softmax the cross-entropy keeps: 4 x rows x V
   (Korthikanti sec. 4.1's 4 s b V); token ids and targets in int64 (8 bytes per token).
 - Dropout is 0 in every preset (``nn.Dropout(0)`` returns its input and saves nothing).
 
@@ -75,8 +75,9 @@ sec. 4.3) + what lies outside the blocks (stack-shared biases, encoder output, l
 
 Autocast's weight copies: under torch autocast (strategies auto/ddp with bf16/fp16) each weight matrix
 used by a matmul is cast to 16-bit once per forward and the cast is cached until the forward ends, so
-autograd holds them until backward: 2 bytes per linear-layer parameter, reported as its own line
-(``MemoryEstimate.weight_copies``). DeepSpeed and FSDP2 (param_dtype bf16) run the model's weights in
+all of them are alive at the end of the forward, with every activation: 2 bytes per linear-layer
+parameter, reported as its own line (``MemoryEstimate.weight_copies``). Without checkpointing autograd then
+holds them until backward; with it only the LM head's copy is saved (the blocks recast on recomputation). DeepSpeed and FSDP2 (param_dtype bf16) run the model's weights in
 16-bit already: no copies, and the residual stream is 16-bit (the pure bf16 pattern above).
 
 Not modelled: ``torch.compile``'s partitioner may recompute cheap pointwise ops and save less; the
@@ -267,7 +268,7 @@ def activation_terms(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
         layers([cross_block(t, s)] * cfg.n_decoder_layers, t)
         # once per stack: bucket ids (int64); the bias itself when not cast per layer (or held by checkpointing)
         # (without autocast c = r: the stack's tensors are saved as they are, in the residual dtype)
-        add("relative position bucket ids", 8 * (s * s + t * t), False)
+        add("relative position bucket ids (int64)", 8 * (s * s + t * t), False)
         if not dt.autocast or checkpointing:  # one bias per stack (checkpointing: an input of every block)
             add("encoder attention bias", r * a * s * s, r == 4)
         if checkpointing:
@@ -285,9 +286,10 @@ def activation_terms(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
         if head_rows is None:
             rows = b * s
             add("token ids and targets (int64)", 16 * b * s, False)
-        else:  # masked LM: only the selected rows go through the head
+        else:  # masked LM: only the selected rows go through the head, picked by a (B, s) bool mask
             rows = b * head_rows
-            add("token ids, selected labels and row indices (int64)", 8 * b * s + 24 * rows, False)
+            add("token ids and selected labels (int64)", 8 * b * s + 8 * rows, False)
+            add("selection mask (bool)", b * s, False)
         terms.append(consumers(rows, 1))
     add("float32 log-softmax of the logits", 4 * rows * cfg.padded_vocab_size, True)
     return terms

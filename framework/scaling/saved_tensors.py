@@ -10,15 +10,23 @@ On a CPU, attention without a bias runs the flash kernel, which saves what CUDA'
 v, output, float32 logsumexp); with an additive bias that needs a gradient (T5) it falls back to the math
 kernel, which keeps the (B, heads, T, S) probabilities. ``efficient_attention_on_cpu`` swaps in, for that
 case only, a function that saves what CUDA's memory-efficient kernel saves, so a CPU count matches a GPU's.
+
+``retained_tensor_bytes`` measures differently, from the allocator's side: every storage an operator creates
+during the forward that is still alive once it returns. It sees what saved-tensor hooks cannot, such as the
+block inputs non-reentrant activation checkpointing holds for recomputation.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 _COPY_OR_VIEW = ("ToCopyBackward", "TBackward", "ViewBackward", "PermuteBackward", "TransposeBackward")
 
@@ -59,6 +67,43 @@ def saved_tensor_bytes(forward: Callable[[], Any], module: nn.Module, device_typ
     for kind, nbytes in saved.values():
         totals[kind] += nbytes
     totals["activations"] = totals["fp32"] + totals["other"]
+    return totals
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Weak references to the storage of every operator output (keyed by address: a dead storage's address
+    may be reused by a later one, which then replaces it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int, torch.dtype]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes(), t.dtype)
+        return out
+
+
+def retained_tensor_bytes(forward: Callable[[], torch.Tensor], module: nn.Module, device_type: str = "cpu",
+                          autocast_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes of the storages created during ``forward()`` (a loss) that are alive after it returns, keeping
+    the loss's graph: keys fp32, int64 (token ids, indices), other (16-bit activations, masks, weight copies);
+    parameters, buffers and the loss itself excluded."""
+    states = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with _StorageTracker() as tracker, autocast:
+        loss = forward()
+    gc.collect()
+    states.add(loss.untyped_storage().data_ptr())
+    totals = {"fp32": 0, "int64": 0, "other": 0}
+    for ptr, (ref, nbytes, dtype) in tracker.storages.items():
+        if ptr not in states and not ref.expired():
+            totals["fp32" if dtype == torch.float32 else "int64" if dtype == torch.int64 else "other"] += nbytes
+    del loss
     return totals
 
 
