@@ -81,3 +81,14 @@ def test_run_writes_card_export_copies_it_and_commands_use_the_run_dir(compose, 
     assert text.startswith("Return the") and len(text) > len("Return the")
     accuracy = icl.main([str(ckpt), "--task", task, "--shots", "0,1", "--limit", "4"])
     assert accuracy == metrics["icl_accuracy"]  # the command reproduces the end-of-training evaluation
+
+
+def test_each_source_is_described_by_what_it_is():
+    from framework.callbacks.model_card import describe_data
+    from framework.data.config import DataConfig
+
+    assert "standard library" in describe_data(DataConfig(source="stdlib"))["description"]
+    assert "licence texts" in describe_data(DataConfig(source="licenses"))["description"]
+    assert describe_data(DataConfig(source="files", paths=["a.jsonl"]))["description"] == "local files: a.jsonl"
+    hub = describe_data(DataConfig(source="hub", hub_name="wikitext", hub_config="wikitext-103-raw-v1"))
+    assert "Hugging Face dataset wikitext (wikitext-103-raw-v1)" in hub["description"]

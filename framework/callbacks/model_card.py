@@ -64,6 +64,9 @@ def describe_data(data_cfg: Any, meta: dict | None = None) -> dict:
             for name, weight in mixture_weights(data_cfg).items())
     elif data_cfg.source == "stdlib":
         description = "docstrings and pydoc topics of the Python standard library, the embedded corpus"
+    elif data_cfg.source == "licenses":
+        description = ("licence texts Debian/Ubuntu installs (/usr/share/common-licenses and every package's "
+                       "copyright file), the embedded legal corpus")
     elif data_cfg.source == "files":
         description = "local files: " + ", ".join(map(str, data_cfg.paths))
     else:
