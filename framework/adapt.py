@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from framework.data.datamodule import PretrainDataModule
-from framework.data.prepare import PreparedData, open_tokens
+from framework.data.prepare import PreparedData
 from framework.data.tokenizer import SPECIAL_TOKENS, special_ids, tokenizer_hash
 from framework.models import ModelConfig, build_model
 from framework.objectives import objective_class
@@ -157,25 +157,20 @@ def token_bytes(tok: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def split_bytes_per_token(prepared: PreparedData, split: str = "val") -> float:
-    lengths = token_bytes(prepared.tokenizer())
-    total_bytes = total_tokens = 0
-    for shard in prepared.shards(split):
-        ids = np.asarray(open_tokens(shard, prepared.dtype))
-        total_bytes += int(lengths[ids].sum())
-        total_tokens += len(ids)
-    return total_bytes / max(1, total_tokens)
-
-
 @torch.no_grad()
 def evaluate_split(module, prepared: PreparedData, seq_len: int, micro_batch_size: int, max_windows: int = 10**9,
                    seed: int = 0) -> dict:
     """Token-weighted mean validation loss (nats/token) of ``module`` (a ``PretrainModule``) over the first
     ``max_windows`` validation windows of ``prepared``, as ``PretrainModule.validation_step`` computes it; and
-    nats/byte = loss / (bytes per token of the split), which compares models with different tokenizers."""
+    nats/byte = loss / (bytes per token of exactly those windows). Two tokenizers cover the same text only when
+    both evaluate the whole split (the default ``max_windows``): compare nats/byte across tokenizers then."""
     window = type(module).window_length(seq_len, module.objective_config)
     data = PretrainDataModule(prepared, window, micro_batch_size, collate_fn=module.collator(), seed=seed,
                               val_windows=max_windows)
+    lengths = token_bytes(prepared.tokenizer())
+    windows = data.val_dataloader().dataset  # the (window, position) pairs evaluated below
+    ids = np.concatenate([w.numpy() for w, _ in windows]) if len(windows) else np.zeros(0, dtype=np.int64)
+    bytes_per_token = int(lengths[ids].sum()) / max(1, len(ids))
     was_training = module.training
     module.eval()
     total, count = 0.0, 0
@@ -185,7 +180,8 @@ def evaluate_split(module, prepared: PreparedData, seq_len: int, micro_batch_siz
         count += int(n)
     module.train(was_training)
     loss = total / max(1, count)
-    return {"loss_nats": loss, "nats_per_byte": loss / split_bytes_per_token(prepared), "tokens": count}
+    return {"loss_nats": loss, "nats_per_byte": loss / bytes_per_token, "tokens": count,
+            "windows": len(windows), "bytes_per_token": bytes_per_token}
 
 
 def module_from_checkpoint(path: str | Path):

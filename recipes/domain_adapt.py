@@ -106,7 +106,7 @@ def evaluate(checkpoint: Path, data: dict[str, DataConfig], tokenizer_path: Path
     out = {}
     for split in SPLITS:
         prepared = prepare_data(replace(data[split], tokenizer_path=str(tokenizer_path)), progress=False)
-        out[split] = evaluate_split(module, prepared, data[split].seq_len, args.micro_batch, args.val_windows,
+        out[split] = evaluate_split(module, prepared, data[split].seq_len, args.micro_batch, args.eval_windows or 10**9,
                                     seed=args.seed)
     return out
 
@@ -214,7 +214,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seq-len", type=int, default=0, help="0 = the base run's")
     p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--val-windows", type=int, default=256, help="validation windows per split and evaluation")
+    p.add_argument("--val-windows", type=int, default=256,
+                   help="validation windows per source in the training run's periodic validation")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="windows per split in the before/after evaluation (0 = the whole validation split, which "
+                        "nats/byte across tokenizers needs: both then cover the same text)")
     p.add_argument("--cache-dir", default="data_cache")
     p.add_argument("--num-proc", type=int, default=2)
     p.add_argument("--no-base-eval", action="store_true", help="skip the base model's own-tokenizer evaluation")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from framework.adapt import (
-    adapt_checkpoint, load_init_weights, module_from_checkpoint, token_bytes, transfer_vocabulary,
+    adapt_checkpoint, evaluate_split, load_init_weights, module_from_checkpoint, token_bytes, transfer_vocabulary,
 )
 from framework.config import to_run_config
 from framework.data.config import DataConfig
@@ -192,6 +192,30 @@ def test_token_bytes_counts_utf8_bytes(base_tok):
 
 
 # ----------------------------------------------------------------------------- init_from
+def test_evaluation_is_the_mean_loss_and_nats_per_byte_counts_the_evaluated_text(tiny_prepared):
+    """loss_nats is the token-weighted mean of compute_loss over the evaluated windows; nats/byte divides it by
+    the UTF-8 bytes per token of exactly those windows (decoded here independently of token_bytes)."""
+    from framework.objectives.config import ObjectiveConfig, OptimConfig
+
+    torch.manual_seed(0)
+    tok = tiny_prepared.tokenizer()
+    cfg = ModelConfig.from_name("tiny", vocab_size=tok.get_vocab_size())
+    module = objective_class("clm")(**module_kwargs(cfg, OptimConfig(), ObjectiveConfig(name="clm"),
+                                                    tiny_prepared.special_ids(), 10, 32))
+    result = evaluate_split(module, tiny_prepared, 32, micro_batch_size=4, max_windows=12)
+    from framework.data.prepare import open_tokens
+
+    first_shard = open_tokens(tiny_prepared.shards("val")[0], tiny_prepared.dtype)
+    stream = torch.from_numpy(first_shard[: 12 * 33].astype("int64")).view(12, 33)  # the first 12 windows
+    with torch.no_grad():
+        losses = [module.compute_loss(stream[i : i + 4]) for i in range(0, 12, 4)]
+    expected = sum(float(l) * int(n) for l, n in losses) / sum(int(n) for _, n in losses)
+    assert result["windows"] == 12 and result["tokens"] == 12 * 32
+    assert result["loss_nats"] == pytest.approx(expected, rel=1e-6)
+    text_bytes = sum(len(tok.decode(row.tolist()).encode("utf-8")) for row in stream)
+    assert result["nats_per_byte"] == pytest.approx(expected / (text_bytes / stream.numel()), rel=0.01)
+
+
 def test_init_from_loads_exactly_and_refuses_mismatches(compose, tiny_prepared, tmp_path):
     from framework.train import ConfigurationError, build_run, run
 
