@@ -182,7 +182,8 @@ def report(results: dict, out: Path) -> str:
     table = "\n".join(rows)
     forgetting = results["after"]["general"]["loss_nats"] - results["before"]["general"]["loss_nats"]
     gain = results["before"]["domain"]["loss_nats"] - results["after"]["domain"]["loss_nats"]
-    summary = (f"domain loss {gain:+.4f} nats/token better; general loss {forgetting:+.4f} nats/token "
+    summary = (f"domain loss {'down' if gain > 0 else 'up'} {abs(gain):.4f} nats/token; general loss "
+               f"{'up' if forgetting > 0 else 'down'} {abs(forgetting):.4f} nats/token "
                f"({'forgetting' if forgetting > 0 else 'no forgetting'}) after {results['steps']} steps; "
                f"tokenizer {results['tokenizer']} ({results['vocab_size']} tokens)")
     if "base" in results:  # across tokenizers only nats/byte compare
