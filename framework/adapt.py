@@ -26,6 +26,7 @@ from torch import nn
 from framework.data.datamodule import PretrainDataModule
 from framework.data.prepare import PreparedData
 from framework.data.tokenizer import SPECIAL_TOKENS, special_ids, tokenizer_hash
+from framework.distributed.checkpoints import read_training_checkpoint
 from framework.models import ModelConfig, build_model
 from framework.objectives import objective_class
 
@@ -41,25 +42,11 @@ def load_framework_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.T
 
 def _read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], str | None]:
     """(hyper_parameters, model state dict, the hash of the tokenizer it was trained with when recorded)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a sharded checkpoint directory (FSDP2 / DeepSpeed); consolidate it into one file "
-                         f"first: fw-consolidate {path} full.ckpt")
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; give a .ckpt file (<run_dir>/checkpoints/last.ckpt).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
-    hp = ckpt.get("hyper_parameters")
-    if not hp or "model_config" not in hp:
-        raise ValueError(f"{path} is not a checkpoint of this framework's training (no model_config hyperparameters).")
-    state = {}
-    for name, tensor in ckpt["state_dict"].items():
-        name = name.replace("_orig_mod.", "")  # torch.compile's wrapper
-        if name.startswith("model."):
-            state[name[len("model."):]] = tensor
+    hp, state, ckpt = read_training_checkpoint(path)
     # the data module's checkpoint state records it (PretrainDataModule.state_dict); adapt_checkpoint writes it
     recorded = ckpt.get("tokenizer_hash") or next(
         (v["tokenizer_hash"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer_hash" in v), None)
-    return dict(hp), state, recorded
+    return hp, state, recorded
 
 
 def load_init_weights(model: nn.Module, config: ModelConfig, path: str | Path,

@@ -26,6 +26,7 @@ import torch
 
 from framework.callbacks.model_card import card_info_from_checkpoint, write_model_card
 from framework.data.tokenizer import SPECIAL_TOKENS, SpecialIds, load_tokenizer
+from framework.distributed.checkpoints import read_training_checkpoint
 from framework.models.config import ModelConfig
 
 # transformers class (and Auto class) per family
@@ -39,26 +40,11 @@ HF_ARCHITECTURES = {
 # ----------------------------------------------------------------------------- checkpoint reading
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, SpecialIds, dict[str, torch.Tensor], dict]:
     """(model config, special ids, the model's state dict without the ``model.`` prefix, hyper_parameters)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(
-            f"{path} is a sharded checkpoint directory; export reads single-file Lightning checkpoints. Convert it "
-            "first (DeepSpeed: lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict; "
-            "FSDP: torch.distributed.checkpoint.format_utils.dcp_to_torch_save) or train with strategy=ddp.")
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass a .ckpt file from <run_dir>/checkpoints/.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # hparams are plain dicts
-    hparams = checkpoint.get("hyper_parameters")
-    if not hparams or "model_config" not in hparams:
-        raise ValueError(f"{path} has no framework hyper_parameters (model_config); is it a framework.train checkpoint?")
+    hparams, state, _ = read_training_checkpoint(path)
     config = ModelConfig(**hparams["model_config"])
     ids = hparams["special_ids"]
     special = SpecialIds(**{k: tuple(v) if k == "sentinels" else v for k, v in ids.items()})
-    state = {}
-    for name, tensor in checkpoint["state_dict"].items():
-        name = name.replace("_orig_mod.", "")  # torch.compile wrapper
-        if name.startswith("model."):
-            state[name[len("model."):]] = tensor.float()
+    state = {name: tensor.float() for name, tensor in state.items()}
     return config, special, state, hparams
 
 

@@ -153,23 +153,13 @@ def fill_mask(model: nn.Module, input_ids: torch.Tensor, mask_id: int, *, temper
 
 
 # ----------------------------------------------------------------------------- checkpoints and the command
-def load_checkpoint(path: str | Path, map_location: str = "cpu"):
-    """(model in eval mode, hyper_parameters dict) from a Lightning checkpoint of a ``PretrainModule``."""
+def load_checkpoint(path: str | Path):
+    """(model in eval mode on the CPU, hyper_parameters dict) from a single-file checkpoint of ``framework.train``."""
+    from framework.distributed.checkpoints import read_training_checkpoint
     from framework.models import ModelConfig, build_model
 
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a sharded checkpoint directory (FSDP2 / DeepSpeed); consolidate it into one "
-                         f"file first: fw-consolidate {path} full.ckpt")
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass a .ckpt from <run_dir>/checkpoints/.")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)  # never runs pickled code
-    hp = ckpt.get("hyper_parameters")
-    if not hp or "model_config" not in hp:
-        raise ValueError(f"{path} is not a checkpoint of this framework's training (no model_config hyperparameters).")
+    hp, state, _ = read_training_checkpoint(path)
     model = build_model(ModelConfig(**hp["model_config"]))
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -71,6 +71,28 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
+def read_training_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(hyper_parameters, the model's state dict without the ``model.`` prefix, the whole checkpoint) of a
+    single-file checkpoint written by ``framework.train``; what export, generation and continued pretraining
+    read. A sharded directory, a missing file or another program's checkpoint is refused in one sentence."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a sharded checkpoint directory (FSDP2 / DeepSpeed); consolidate it into one file "
+                         f"first: fw-consolidate {path} full.ckpt")
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; give a .ckpt file (<run_dir>/checkpoints/last.ckpt).")
+    ckpt = safe_load(path)
+    hp = ckpt.get("hyper_parameters")
+    if not hp or "model_config" not in hp:
+        raise ValueError(f"{path} is not a checkpoint of this framework's training (no model_config hyperparameters).")
+    state = {}
+    for name, tensor in ckpt["state_dict"].items():
+        name = name.replace("_orig_mod.", "")  # torch.compile's wrapper
+        if name.startswith("model."):
+            state[name[len("model."):]] = tensor
+    return dict(hp), state, ckpt
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Single-file checkpoints (auto/DDP strategies): atomic save, weights-only load."""
 
