@@ -9,7 +9,6 @@ import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from framework.config import to_run_config
 from framework.data.config import DataConfig, SourceSpec
 from framework.data.mixture import (MixtureDataModule, MixtureSampler, MixtureSchedule, mixture_weights,
                                     prepare_mixture, source_config, tijdeman_sequence, tolerance_windows)
+from stop_at import StopAt
 
 
 def _shares_deviation(sources: list[int], weights: list[float]) -> float:
@@ -213,15 +213,6 @@ def test_tiny_run_logs_per_source_tokens_and_val_losses(compose, code_paths, tmp
     assert "a mixture of training tokens: 51% code (local files:" in card and "49% prose (docstrings" in card
 
 
-class _StopAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 def test_stopped_and_resumed_mixture_run_matches_uninterrupted(compose, code_paths, tmp_path):
     from framework.train import build_run, run
 
@@ -232,7 +223,7 @@ def test_stopped_and_resumed_mixture_run_matches_uninterrupted(compose, code_pat
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
     full = run(cfg, full_dir)
     trainer, module, dm, _ = build_run(cfg, part_dir)
-    trainer.callbacks.append(_StopAt(6))
+    trainer.callbacks.append(StopAt(6))
     trainer.fit(module, datamodule=dm)  # stops right after the step-6 checkpoint
     assert dm.source_windows == {"code": 14, "prose": 34}  # 48 windows at 0.3 / 0.7 (14.4 / 33.6)
     part = run(cfg, part_dir)  # resume=auto: step 6 -> 14

@@ -22,6 +22,7 @@ from framework.callbacks.preemption import PreemptionCallback
 from framework.config import to_run_config
 from framework.distributed.checkpoints import AtomicCheckpointIO, ResumeStateCallback, find_resume_checkpoint, safe_load
 from framework.train import run
+from stop_at import StopAt
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,22 +55,13 @@ class _Noisy(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _StopAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 def _fit(tmp_path: Path, max_steps: int, resume_state: bool, ckpt_path: str | None = None, stop_at: int | None = None):
     L.seed_everything(0, verbose=False)
     module = _Noisy()
     callbacks = [ModelCheckpoint(dirpath=tmp_path, filename="step{step:07d}", auto_insert_metric_name=False,
                                  every_n_train_steps=4, save_top_k=-1)]
     callbacks += [ResumeStateCallback()] if resume_state else []
-    callbacks += [_StopAt(stop_at)] if stop_at else []
+    callbacks += [StopAt(stop_at)] if stop_at else []
     trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None, callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()], logger=False, accelerator="cpu", enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 
 from framework.config import to_run_config
 from framework.train import build_run, run
+from stop_at import StopAt
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -41,15 +41,6 @@ def test_short_run_lowers_validation_loss(compose, tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
-class _StopAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 def test_stopped_and_resumed_run_matches_uninterrupted_run(compose, tmp_path):
     overrides = ["trainer.max_steps=24", "trainer.val_check_interval=100", "trainer.log_every_n_steps=1",
                  "callbacks.checkpoint_every_n_steps=10", "data.val_windows=8"]
@@ -58,7 +49,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(compose, tmp_path):
     run(cfg, full_dir)
 
     trainer, module, dm, _ = build_run(cfg, part_dir)
-    trainer.callbacks.append(_StopAt(10))
+    trainer.callbacks.append(StopAt(10))
     trainer.fit(module, datamodule=dm)  # stops right after the step-10 checkpoint
     assert (part_dir / "checkpoints" / "step0000010.ckpt").exists()
     assert trainer.global_step == 10
