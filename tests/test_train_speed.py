@@ -176,9 +176,60 @@ def test_no_host_reads_of_tensors_between_logging_steps(tmp_path, monkeypatch):
                if r.get("throughput/data_wait_fraction"))
 
 
+# ops whose output size depends on tensor values (or that return a value to the host): on CUDA each one waits
+# for the GPU; boolean-mask indexing runs aten.nonzero underneath
+_DATA_DEPENDENT_OPS = {"aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "aten::unique",
+                       "aten::_unique2", "aten::repeat_interleave", "aten::masked_scatter"}
+
+
+@pytest.mark.parametrize("row_text", ["tiny:clm:4:32", "bert-tiny:mlm:4:32", "t5-tiny:span_corruption:4:32"])
+def test_loss_step_has_no_data_dependent_shapes(tmp_path, row_text):
+    """Every objective's forward + backward on a collated batch runs no op whose output size depends on the
+    data: the masked LM's selected rows come as host-computed indices (the collator's predict_index)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    opts = ts.Options(device="cpu", precision="32-true", compile=False, warmup=2, steps=3, num_workers=0)
+    row = ts.Row.parse(row_text)
+    module = ts.build_module(row, opts, VOCAB)
+    batch = ts.first_batch(module, row, opts, ts.random_token_data(tmp_path / "data", 20_000, VOCAB))
+    ops = Ops()
+    with ops:
+        loss, count = module.compute_loss(batch)
+        loss.backward()
+    assert ops.names & _DATA_DEPENDENT_OPS == set(), sorted(ops.names & _DATA_DEPENDENT_OPS)
+    assert "aten::mm" in ops.names or "aten::addmm" in ops.names or "aten::bmm" in ops.names  # the probe saw the step
+
+
+def test_masked_lm_index_path_equals_the_boolean_mask_path(tmp_path):
+    opts = ts.Options(device="cpu", precision="32-true", compile=False, warmup=2, steps=3, num_workers=0)
+    row = ts.Row.parse("bert-tiny:mlm:4:32")
+    module = ts.build_module(row, opts, VOCAB)
+    batch = ts.first_batch(module, row, opts, ts.random_token_data(tmp_path / "data", 20_000, VOCAB))
+    selected = batch["labels"] != -100
+    assert torch.equal(batch["predict_index"], selected.view(-1).nonzero().squeeze(1))
+    loss, count = module.compute_loss(batch)
+    without = {k: v for k, v in batch.items() if k != "predict_index"}  # the fallback derives the indices itself
+    loss_without, count_without = module.compute_loss(without)
+    full = module.model(batch["input_ids"])  # (B, T, V): every position through the head
+    reference = torch.nn.functional.cross_entropy(full[selected].float(), batch["labels"][selected])
+    assert int(count) == int(count_without) == int(selected.sum())
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_without, reference, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on CUDA only")
-def test_no_cuda_synchronisation_between_logging_steps(tmp_path):
+@pytest.mark.parametrize("row_text", ["tiny:clm:4:32", "bert-tiny:mlm:4:32", "t5-tiny:span_corruption:4:32"])
+def test_no_cuda_synchronisation_between_logging_steps(tmp_path, row_text):
     """torch's sync debug mode raises on any synchronising call during steps 3-4 (log_every_n_steps=5)."""
     class SyncGuard(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -188,7 +239,7 @@ def test_no_cuda_synchronisation_between_logging_steps(tmp_path):
             torch.cuda.set_sync_debug_mode("default")
 
     opts = ts.Options(device="cuda", precision="bf16-mixed", compile=False, warmup=2, steps=3, num_workers=0)
-    row = ts.Row.parse("tiny:clm:4:32")
+    row = ts.Row.parse(row_text)
     module = ts.build_module(row, opts, VOCAB)
     datamodule = ts.build_datamodule(module, row, opts, ts.random_token_data(tmp_path / "data", 20_000, VOCAB))
     trainer = L.Trainer(max_steps=5, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,

@@ -74,7 +74,7 @@ def mask_tokens(tokens: torch.Tensor, *, mask_id: int, special_ids: torch.Tensor
 
 
 class MLMCollator:
-    """(B, L) raw windows -> {"input_ids": (B, L), "labels": (B, L)} for masked-LM training."""
+    """(B, L) raw windows -> {"input_ids": (B, L), "labels": (B, L), "predict_index": (N,)} for masked-LM training."""
 
     def __init__(self, *, vocab_size: int, mask_id: int, special_ids: tuple[int, ...], mask_probability: float = 0.15,
                  mask_token_fraction: float = 0.8, random_token_fraction: float = 0.1,
@@ -98,7 +98,10 @@ class MLMCollator:
             windows, mask_id=self.mask_id, special_ids=self.special_ids, regular_ids=self.regular_ids,
             mask_probability=self.mask_probability, mask_token_fraction=self.mask_token_fraction,
             random_token_fraction=self.random_token_fraction, word_index=word_index, generator=generator)
-        return {"input_ids": inputs, "labels": labels}
+        # the selected positions as flat row-major indices, computed here on the host: the model gathers them with
+        # index_select, whose output size the host already knows (a boolean mask on the GPU would make it wait)
+        predict_index = (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+        return {"input_ids": inputs, "labels": labels, "predict_index": predict_index}
 
 
 # ============================================================================ T5 span corruption

@@ -38,13 +38,17 @@ class Encoder(RotaryStack):
         return self.norm_final(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                predict_mask: torch.Tensor | None = None) -> torch.Tensor:
+                predict_mask: torch.Tensor | None = None, predict_index: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) -> logits (B, T, padded_vocab).
 
         With ``predict_mask`` (B, T) bool, only the N selected positions go through the LM head and the
         logits are (N, padded_vocab), in row-major order: masked LM needs ~15% of them. The selection
-        happens inside ``forward`` so that FSDP's and DDP's forward hooks wrap the whole computation."""
+        happens inside ``forward`` so that FSDP's and DDP's forward hooks wrap the whole computation.
+        ``predict_index`` (N,) long, the same positions as flat row-major indices, gives the same logits without
+        a host-device synchronisation (a boolean mask's N is known only after the GPU has counted it)."""
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
-        if predict_mask is not None:
+        if predict_index is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_index)  # (N, d)
+        elif predict_mask is not None:
             hidden = hidden[predict_mask]  # (N, d)
         return self.lm_head(hidden)

@@ -39,11 +39,13 @@ class MaskedLM(PretrainModule):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]  # (B, T), IGNORE_INDEX where not selected
-        selected = labels != IGNORE_INDEX
-        logits = self.model(batch["input_ids"], batch.get("attention_mask"), predict_mask=selected)  # (N, V)
-        count = selected.sum()
-        loss = F.cross_entropy(logits.float(), labels[selected], reduction="sum") / count.clamp_min(1)
-        return loss, count
+        index = batch.get("predict_index")  # (N,) flat positions; MLMCollator computes them on the host
+        if index is None:  # a hand-built batch: derive them here (this waits for the device once)
+            index = (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        logits = self.model(batch["input_ids"], batch.get("attention_mask"), predict_index=index)  # (N, V)
+        n = index.numel()  # host metadata: no synchronisation
+        loss = F.cross_entropy(logits.float(), labels.view(-1).index_select(0, index), reduction="sum") / max(1, n)
+        return loss, torch.full((), n, device=labels.device, dtype=torch.long)
 
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
