@@ -65,8 +65,8 @@ and outputs (2 under autocast and pure bf16, 4 in fp32). Term by term, named aft
   k, v over the S encoder tokens; under autocast each layer's wk and wv cast the float32 encoder output
   anew: 2 c b S h per layer (otherwise the encoder's final norm output, c b S h, once).
 - Loss heads: the final norm over the rows the stack ends with; the LM head's input (c x rows x h: every
-  position for causal LM and T5, the N = mask_probability s b selected rows for masked LM, picked by a
-  (B, s) bool mask, b s bytes); the float32 log-softmax the cross-entropy keeps: 4 x rows x V
+  position for causal LM and T5, the N = mask_probability s b selected rows for masked LM, gathered by
+  the collator's int64 indices, 8 N bytes, with their labels, 8 N); the float32 log-softmax the cross-entropy keeps: 4 x rows x V
   (Korthikanti sec. 4.1's 4 s b V); token ids and targets in int64 (8 bytes per token).
 - Dropout is 0 in every preset (``nn.Dropout(0)`` returns its input and saves nothing).
 
@@ -288,10 +288,9 @@ def activation_terms(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
         if head_rows is None:
             rows = b * s
             add("token ids and targets (int64)", 16 * b * s, False)
-        else:  # masked LM: only the selected rows go through the head, picked by a (B, s) bool mask
+        else:  # masked LM: only the selected rows go through the head, gathered by int64 indices
             rows = b * head_rows
-            add("token ids and selected labels (int64)", 8 * b * s + 8 * rows, False)
-            add("selection mask (bool)", b * s, False)
+            add("token ids, selected positions and their labels (int64)", 8 * b * s + 16 * rows, False)
         terms.append(consumers(rows, 1))
     add("float32 log-softmax of the logits", 4 * rows * cfg.padded_vocab_size, True)
     return terms
