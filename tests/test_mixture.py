@@ -14,6 +14,7 @@ import torch
 
 from framework.config import to_run_config
 from framework.data.config import DataConfig, SourceSpec
+from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import (MixtureDataModule, MixtureSampler, MixtureSchedule, mixture_weights,
                                     prepare_mixture, source_config, tijdeman_sequence, tolerance_windows)
 from stop_at import StopAt
@@ -164,6 +165,13 @@ def test_datamodule_state_round_trip(compose, code_paths):
     other = MixtureDataModule(prepare_mixture(replace(cfg, mixture={"code": 0.5, "prose": 0.5}), progress=False), 33, 4)
     with pytest.raises(ValueError, match=r"trained with data.mixture=.*resume with the same mixture"):
         other.load_state_dict(state)
+    # and so is a mixture checkpoint resumed by a single-source run with the same tokenizer (and back)
+    single = PretrainDataModule(prepared.parts["code"], 33, 4)
+    assert single.prepared.meta["tokenizer_hash"] == state["tokenizer_hash"]
+    with pytest.raises(ValueError, match=r"trained on the mixture data.mixture=.*not on one source"):
+        single.load_state_dict(state)
+    with pytest.raises(ValueError, match="trained on a single source, not a mixture"):
+        resumed.load_state_dict(single.state_dict())
     # validation: one loader per source, val_windows per source
     loaders = resumed.val_dataloader()
     assert resumed.val_names == ["code", "prose"] and len(loaders) == 2

@@ -159,6 +159,7 @@ class TimedDataLoader(DataLoader):
 
 
 class PretrainDataModule(L.LightningDataModule):
+    is_mixture = False  # MixtureDataModule: True (its checkpoints carry the mixture)
     def __init__(self, prepared: PreparedData, window_length: int, micro_batch_size: int,
                  collate_fn: Callable | None = None, seed: int = 0, num_workers: int = 0, val_windows: int = 64) -> None:
         super().__init__()
@@ -249,6 +250,10 @@ class PretrainDataModule(L.LightningDataModule):
                 "tokenizer_hash": self.prepared.meta["tokenizer_hash"]}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("mixture") is not None and not self.is_mixture:
+            raise ValueError(f"this checkpoint was trained on the mixture data.mixture={state['mixture']}, not on one "
+                             "source; resume with the same data.sources and data.mixture or start a new run "
+                             "(resume=never).")
         if state.get("tokenizer_hash") not in (None, self.prepared.meta["tokenizer_hash"]):
             raise ValueError("this checkpoint was trained with a different tokenizer/corpus than the configured data; "
                              "resume with the same data settings or start a new run (resume=never).")

@@ -316,6 +316,8 @@ class MixtureDataModule(PretrainDataModule):
 
     Validation: one loader per source (``val_names``, ``val_weights``); ``val_windows`` is per source."""
 
+    is_mixture = True
+
     def __init__(self, prepared: PreparedMixture, window_length: int, micro_batch_size: int, collate_fn=None,
                  seed: int = 0, num_workers: int = 0, val_windows: int = 64) -> None:
         L.LightningDataModule.__init__(self)
