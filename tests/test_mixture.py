@@ -15,8 +15,8 @@ import torch
 from framework.config import to_run_config
 from framework.data.config import DataConfig, SourceSpec
 from framework.data.datamodule import PretrainDataModule
-from framework.data.mixture import (MixtureDataModule, MixtureSampler, MixtureSchedule, mixture_weights,
-                                    prepare_mixture, source_config, tijdeman_sequence, tolerance_windows)
+from framework.data.mixture import MixtureDataModule, MixtureSampler, mixture_weights, prepare_mixture, source_config
+from framework.data.mixture_schedule import MixtureSchedule, tijdeman_sequence, tolerance_windows
 from stop_at import StopAt
 
 

@@ -30,10 +30,8 @@ it, so a resumed run reads the same windows in the same order as an uninterrupte
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
 import time
 import zlib
 from collections.abc import Iterator
@@ -48,12 +46,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig, SourceSpec
 from framework.data.datamodule import PackedWindows, PretrainDataModule
-from framework.data.prepare import FORMAT_VERSION, PreparedData, _file_lock, _train_texts, prepare_data
+from framework.data.prepare import FORMAT_VERSION, PreparedData, PreparedView, _file_lock, _train_texts, prepare_data
 from framework.data.curation import curate
+from framework.data.mixture_schedule import MixtureSchedule
 from framework.data.sources import iter_documents, source_fingerprint
-
-WEIGHT_RESOLUTION = 10**6  # the schedule's weights are integers over this (then reduced): exact on every rank
-
 
 # ----------------------------------------------------------------------------- configuration
 def mixture_weights(cfg: DataConfig) -> dict[str, float]:
@@ -89,7 +85,7 @@ def source_config(cfg: DataConfig, name: str) -> DataConfig:
 
 # ----------------------------------------------------------------------------- preparation
 @dataclass
-class PreparedMixture:
+class PreparedMixture(PreparedView):
     """What ``PreparedData`` offers train.py, for several sources sharing one tokenizer.
 
     ``meta["val_unigram_entropy_nats"]`` is the mixture-weighted mean of the sources' validation unigram
@@ -101,17 +97,6 @@ class PreparedMixture:
     parts: dict[str, PreparedData]
     tokenizer_path: Path
     meta: dict
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.meta["dtype"])
-
-    def tokenizer(self):
-        return tk.load_tokenizer(self.tokenizer_path)
 
     def special_ids(self) -> tk.SpecialIds:
         return next(iter(self.parts.values())).special_ids()
@@ -177,91 +162,6 @@ def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
                     for n in names},
     }
     return PreparedMixture(names, [weights[n] for n in names], parts, tokenizer_path, meta)
-
-
-# ----------------------------------------------------------------------------- the schedule
-def quantise_weights(weights: list[float]) -> list[int]:
-    """Normalised weights as integers summing to ``WEIGHT_RESOLUTION`` (largest remainders: each within 1e-6,
-    exact for weights with at most six decimals), divided by their greatest common divisor."""
-    scaled = [w * WEIGHT_RESOLUTION for w in weights]
-    out = [int(x) for x in scaled]
-    for i in sorted(range(len(out)), key=lambda i: out[i] - scaled[i])[: WEIGHT_RESOLUTION - sum(out)]:
-        out[i] += 1
-    tiny = [i for i, (w, q) in enumerate(zip(weights, out)) if w > 0 and q == 0]
-    if tiny:
-        raise ValueError(f"mixture weights {[weights[i] for i in tiny]} are below the schedule's resolution of "
-                         f"1/{WEIGHT_RESOLUTION:,}; give those sources 0 or at least 1e-6.")
-    divisor = math.gcd(*out)
-    return [q // divisor for q in out]
-
-
-def tijdeman_sequence(quanta: list[int], length: int) -> list[int]:
-    """The source of each of the first ``length`` positions for weights ``quanta / sum(quanta)`` (integers).
-
-    Tijdeman's rule: at position n (1-based), with c_i windows given so far, the sources whose deficit
-    w_i n - c_i >= delta = 1/(2k - 2) are eligible; the one with the earliest deadline (c_i + 1 - delta) / w_i
-    (when its deficit would reach 1 - delta) is chosen, the lowest index on a tie. In integers, T = sum(quanta),
-    m = 2k - 2: eligible iff m (q_i n - c_i T) >= T; deadline order = order of ((c_i + 1) m - 1) / q_i."""
-    total = sum(quanta)
-    active = [i for i, q in enumerate(quanta) if q > 0]
-    m = max(1, 2 * len(active) - 2)
-    counts, out = [0] * len(quanta), []
-    for n in range(1, length + 1):
-        best, best_num, best_q = active[0], None, 1
-        for i in active:
-            q, c = quanta[i], counts[i]
-            if len(active) > 1 and m * (q * n - c * total) < total:
-                continue
-            num = (c + 1) * m - 1
-            if best_num is None or num * best_q < best_num * q:
-                best, best_num, best_q = i, num, q
-        counts[best] += 1
-        out.append(best)
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def _period(quanta: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    return _build_period(list(quanta))
-
-
-def _build_period(quanta: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    sources = np.asarray(tijdeman_sequence(quanta, sum(quanta)), dtype=np.int64)  # (T,)
-    before = np.zeros((len(sources) + 1, len(quanta)), dtype=np.int64)  # (T + 1, k): counts before each offset
-    np.add.at(before, (np.arange(1, len(sources) + 1), sources), 1)
-    return sources, before.cumsum(0)
-
-
-class MixtureSchedule:
-    """Which source each global sample position draws from, and how many windows each source has had.
-
-    With integer weights q_i / T the sequence is periodic with period T: after T positions every deficit
-    w_i T - c_i = q_i - c_i is an integer of magnitude < 1, so zero, and the rule depends on the deficits only.
-    One period is computed once (about 1-3 us per position; T <= 10^6) and any position is looked up in
-    O(1): a resumed run needs only its stream position."""
-
-    def __init__(self, weights: list[float]) -> None:
-        self.quanta = quantise_weights(weights)  # (k,) integers, q_i / T = w_i
-        self.period = sum(self.quanta)  # T
-        self.sources, self.before = _period(tuple(self.quanta))
-
-    def source(self, position: int) -> tuple[int, int]:
-        """(source, its draw index j: the j-th window this source gives) at global ``position`` (0-based)."""
-        cycle, offset = divmod(position, self.period)
-        source = int(self.sources[offset])
-        return source, cycle * self.quanta[source] + int(self.before[offset, source])
-
-    def counts(self, position: int) -> list[int]:
-        """Windows given to each source by the first ``position`` positions."""
-        cycle, offset = divmod(position, self.period)
-        return [cycle * q + int(b) for q, b in zip(self.quanta, self.before[offset])]
-
-
-def tolerance_windows(weights: list[float]) -> float:
-    """The bound on |c_i(n) - w_i n| at every prefix n (Tijdeman 1980): 1 - 1/(2k - 2) for k >= 2 sources of
-    positive weight (plus n x the weights' quantisation error, below 1e-6 and 0 for six-decimal weights)."""
-    k = sum(1 for w in weights if w > 0)
-    return 0.0 if k <= 1 else 1.0 - 1.0 / (2 * k - 2)
 
 
 def source_window_order(seed: int, name: str, epoch: int, num_windows: int) -> torch.Tensor:

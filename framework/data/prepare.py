@@ -41,8 +41,27 @@ from framework.data.sources import is_validation, iter_documents, source_fingerp
 FORMAT_VERSION = 1
 
 
+class PreparedView:
+    """What training reads of prepared data (one source's ``PreparedData`` or a ``PreparedMixture``): the
+    vocabulary size and token dtype from ``meta``, and the tokenizer at ``tokenizer_path``."""
+
+    meta: dict
+    tokenizer_path: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def tokenizer(self):
+        return tk.load_tokenizer(self.tokenizer_path)
+
+
 @dataclass
-class PreparedData:
+class PreparedData(PreparedView):
     directory: Path
     meta: dict
 
@@ -54,19 +73,8 @@ class PreparedData:
     def tokenizer_path(self) -> Path:
         return self.directory / tk.TOKENIZER_FILE
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.meta["dtype"])
-
     def shards(self, split: str) -> list[Path]:
         return [self.shard_dir / name for name in self.meta["shards"][split]]
-
-    def tokenizer(self):
-        return tk.load_tokenizer(self.tokenizer_path)
 
     def special_ids(self) -> tk.SpecialIds:
         return tk.SpecialIds(**{k: (tuple(v) if k == "sentinels" else v) for k, v in self.meta["special_ids"].items()})
