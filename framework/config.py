@@ -86,6 +86,9 @@ class TrainConfig:
     # continued pretraining: a single-file framework checkpoint whose model weights initialise this run (step 0,
     # a fresh optimizer and schedule, unlike resume); "" = random initialisation. See recipes/domain_adapt.py.
     init_from: str = ""
+    # a cooldown branch (framework/branch.py): the full training state of a checkpoint from the constant phase of
+    # an optim.schedule=wsd run, continued in this new run with its own decay; "" = none
+    branch_from: str = ""
     torch_threads: int = 0  # 0 = torch's default
 
 

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from framework.adapt import load_init_weights
+from framework.branch import resolve_branch
 from framework.callbacks.model_card import run_card_info, write_model_card
 from framework.callbacks.preemption import PreemptionCallback
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
@@ -37,6 +38,7 @@ from framework.distributed.strategies import build_strategy
 from framework.evaluation.icl import evaluate_after_training, load_task
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
+from framework.objectives.config import check_optim
 from framework.tracking.loggers import build_loggers, finish_wandb
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -119,14 +121,18 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:  # everything a user's settings can get wrong fails here, before any training step
+        check_optim(cfg.optim, cfg.trainer.max_steps)
         ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
+        branching = ckpt_path is None and bool(cfg.branch_from)  # a cooldown branch's first start
+        if branching:
+            ckpt_path = resolve_branch(cfg.branch_from, cfg.optim, cfg.trainer.max_steps)
         if cfg.callbacks.icl_task:
             load_task(cfg.callbacks.icl_task)  # a missing or malformed task fails now, not after training
-        trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=ckpt_path)
+        trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=None if branching else ckpt_path)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise ConfigurationError(str(err).strip("'\"")) from err
     if ckpt_path and trainer.is_global_zero:
-        print(f"resuming from {ckpt_path}")
+        print(f"{'cooldown branch from' if branching else 'resuming from'} {ckpt_path}")
     if trainer.is_global_zero:  # the run directory is self-contained for fw-generate and the ICL command
         shutil.copyfile(prepared.tokenizer_path, run_dir / "tokenizer.json")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -8,7 +8,6 @@ and how a batch becomes a loss (``compute_loss``). Everything else lives here on
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import lightning as L
@@ -19,16 +18,7 @@ from framework.callbacks.throughput import logs_this_step
 from framework.data.tokenizer import SpecialIds
 from framework.models import ModelConfig, build_model
 from framework.objectives.config import ObjectiveConfig, OptimConfig
-
-
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier on the peak LR: linear warmup from ~0 to 1, then cosine from 1 to ``min_lr_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from framework.objectives.schedules import lr_lambda
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -170,8 +160,8 @@ class PretrainModule(L.LightningModule):
         kernel = adamw_kernel({p.device.type for g in groups for p in g["params"]}, "DeepSpeed" in strategy)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kernel)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio)
-        )
+            optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule,
+                                              o.decay_fraction, o.decay_shape))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoint state
