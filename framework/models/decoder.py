@@ -19,15 +19,23 @@ class Decoder(RotaryStack):
             raise ValueError(f"Decoder needs a decoder-family config, got family={config.family!r}.")
         super().__init__(config)
 
-    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids: (B, T) -> logits (B, T, padded_vocab). With ``kv_cache``, positions continue after it."""
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T) -> logits (B, T, padded_vocab). With ``kv_cache``, positions continue after it.
+        With ``document_ids`` (B, T) (packed documents, ``framework.models.document_mask``), attention is
+        block-causal and positions restart at each document."""
         B, T = input_ids.shape
         start = 0 if kv_cache is None else kv_cache.seq_len
         self._check_length(start + T)
-        rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        if document_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("document masking is for training on packed windows, not for cached decoding.")
+            rope, attention = self.document_attention(document_ids, causal=True)
+        else:
+            rope, attention = (self.rope_cos[start : start + T], self.rope_sin[start : start + T]), {"is_causal": True}
         x = self.embed(input_ids)  # (B, T, d)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, is_causal=True, kv_cache=kv_cache, layer_idx=i)
+            x = block(x, rope=rope, kv_cache=kv_cache, layer_idx=i, **attention)
         return self.lm_head(self.norm_final(x))  # (B, T, V)
 
     def new_kv_cache(self) -> KVCache:

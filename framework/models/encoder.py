@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from framework.models.config import ModelConfig
+from framework.models.document_mask import document_keep_mask
 from framework.models.layers import RotaryStack, padding_keep_mask
 
 
@@ -26,19 +27,27 @@ class Encoder(RotaryStack):
                              "(relative position bias is for the encoder_decoder family).")
         super().__init__(config)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, T); attention_mask: (B, T), 1 = token, 0 = padding -> final-normed hidden (B, T, d)."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, T); attention_mask: (B, T), 1 = token, 0 = padding -> final-normed hidden (B, T, d).
+        With ``document_ids`` (B, T), attention is block-diagonal over the packed documents."""
         T = input_ids.shape[1]
         self._check_length(T)
-        rope = (self.rope_cos[:T], self.rope_sin[:T])
         keep = padding_keep_mask(attention_mask)  # (B, 1, 1, T) or None
+        if document_ids is not None:
+            rope, attention = self.document_attention(document_ids, causal=False)
+            if keep is not None:  # padding as well: the boolean path
+                attention = {"attn_bias": keep & document_keep_mask(document_ids), "is_causal": False}
+        else:
+            rope, attention = (self.rope_cos[:T], self.rope_sin[:T]), {"is_causal": False, "attn_bias": keep}
         x = self.embed(input_ids)  # (B, T, d)
         for block in self.blocks:
-            x = block(x, rope=rope, is_causal=False, attn_bias=keep)
+            x = block(x, rope=rope, **attention)
         return self.norm_final(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                predict_mask: torch.Tensor | None = None, predict_index: torch.Tensor | None = None) -> torch.Tensor:
+                predict_mask: torch.Tensor | None = None, predict_index: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) -> logits (B, T, padded_vocab).
 
         With ``predict_mask`` (B, T) bool, only the N selected positions go through the LM head and the
@@ -46,7 +55,7 @@ class Encoder(RotaryStack):
         happens inside ``forward`` so that FSDP's and DDP's forward hooks wrap the whole computation.
         ``predict_index`` (N,) long, the same positions as flat row-major indices, gives the same logits without
         a host-device synchronisation (a boolean mask's N is known only after the GPU has counted it)."""
-        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        hidden = self.hidden_states(input_ids, attention_mask, document_ids)  # (B, T, d)
         if predict_index is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_index)  # (N, d)
         elif predict_mask is not None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from framework.models.config import ModelConfig
+from framework.models.document_mask import document_keep_mask
 from framework.models.layers import (
     Attention, Block, KVCache, RelativePositionBias, RMSNorm, SwiGLU, init_weights, padding_keep_mask,
 )
@@ -86,12 +87,18 @@ class EncoderDecoder(nn.Module):
             if isinstance(m, RMSNorm):
                 m.reset_parameters()
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = padding -> encoder output (B, S, d)."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, S); attention_mask: (B, S), 1 = token, 0 = padding -> encoder output (B, S, d).
+        With ``document_ids`` (B, S), encoder self-attention is block-diagonal over the packed documents (the
+        relative position bias needs no restart: it depends only on distances inside a document)."""
         S = input_ids.shape[1]
         x = self.drop(self.embed(input_ids))  # (B, S, d)
         bias = self.encoder_position_bias(S, S).to(x.dtype)  # (1, nh, S, S), shared by every layer
         keep = padding_keep_mask(attention_mask)
+        if document_ids is not None:
+            same = document_keep_mask(document_ids)  # (B, 1, S, S)
+            keep = same if keep is None else keep & same
         if keep is not None:
             bias = bias.masked_fill(~keep, torch.finfo(bias.dtype).min)  # (B, nh, S, S)
         for block in self.encoder_blocks:
@@ -118,9 +125,9 @@ class EncoderDecoder(nn.Module):
         return self.lm_head(x)
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, S); decoder_input_ids: (B, T) -> logits (B, T, padded_vocab)."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask, document_ids), attention_mask)
 
     def new_kv_cache(self) -> KVCache:
         """An empty cache for the decoder's self-attention (one entry per decoder layer)."""

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.models.document_mask import document_keep_mask, document_positions, flex_attention, flex_block_mask
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -43,7 +45,8 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tupl
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hd); cos/sin: (T, hd). Rotation done in float32, result in x's dtype."""
+    """x: (B, nh, T, hd); cos/sin: (T, hd), or (B, 1, T, hd) for per-document positions. Rotation done in
+    float32, result in x's dtype."""
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
@@ -97,6 +100,7 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         scale: float | None = None,
+        block_mask=None,  # a FlexAttention BlockMask (document masking on CUDA); replaces is_causal/attn_bias
     ) -> torch.Tensor:
         B, T, _ = x.shape
         src = x if kv_input is None else kv_input
@@ -116,6 +120,9 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        if block_mask is not None:
+            y = flex_attention(q, k, v, block_mask, scale)  # (B, nh, T, hd)
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         mask = attn_bias
         causal = is_causal
         if is_causal and past > 0:
@@ -263,6 +270,15 @@ class RotaryStack(nn.Module):
                                 device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def document_attention(self, document_ids: torch.Tensor, causal: bool) -> tuple[tuple, dict]:
+        """Rotary tables and attention arguments for packed documents (``document_ids`` (B, T)): positions
+        restart at each document; attention stays inside it (FlexAttention on CUDA, a boolean mask elsewhere)."""
+        positions = document_positions(document_ids)  # (B, T)
+        rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, hd)
+        if document_ids.is_cuda:
+            return rope, {"block_mask": flex_block_mask(document_ids, causal)}
+        return rope, {"attn_bias": document_keep_mask(document_ids), "is_causal": causal}
 
     def _check_length(self, total: int) -> None:
         if total > self.config.max_seq_len:
