@@ -80,7 +80,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
         load_init_weights(module.model, model_config, cfg.init_from, prepared.meta["tokenizer_hash"])
     module.parallelizer = Parallelizer(cfg.strategy, cfg.precision.mode)  # applied in configure_model
     datamodule_cls = MixtureDataModule if mixture else PretrainDataModule
-    datamodule = datamodule_cls(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(),
+    datamodule = datamodule_cls(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(cfg.data.document_mask),
                                 seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
 
     ckpt_dir = run_dir / "checkpoints"

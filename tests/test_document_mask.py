@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from framework.models import ModelConfig, build_model
-from framework.models.document_mask import document_keep_mask, document_positions, segment_ids
+from framework.data.collators import segment_ids
+from framework.models.document_mask import document_keep_mask, document_positions
 
 
 def _model(family: str, **kw):
@@ -86,3 +87,50 @@ def test_no_gradient_crosses_a_document_boundary():
     logits[0, 4:11].sum().backward()  # the outputs of document 2 only
     assert x.grad[0, :4].abs().max().item() == 0.0 and x.grad[0, 11:].abs().max().item() == 0.0
     assert x.grad[0, 4:11].abs().max().item() > 0.0
+
+
+def test_clm_objective_packed_loss_equals_documents_run_one_by_one():
+    """Through CLMDocumentCollator and compute_loss: each document is run alone after a leading <eos> (the one
+    that ends the previous document), and the summed losses agree to 1e-5."""
+    from framework.data.collators import CLMDocumentCollator
+    from framework.objectives.clm import next_token_loss
+
+    model = _model("decoder")
+    eos = 2
+    window = torch.tensor([[5, 6, 7, eos, 8, 9, 10, 11, eos, 12, 13]])  # a tail, a whole document, a head
+    batch = CLMDocumentCollator(eos)(window)
+    assert batch["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]
+    logits = model(window[:, :-1], document_ids=batch["document_ids"])
+    packed = next_token_loss(logits, window[:, 1:]).item() * 10  # summed over the 10 predictions
+    alone = 0.0
+    for inputs, labels in [([5, 6, 7], [6, 7, eos]), ([eos, 8, 9, 10, 11], [8, 9, 10, 11, eos]), ([eos, 12], [12, 13])]:
+        out = model(torch.tensor([inputs]))
+        alone += next_token_loss(out, torch.tensor([labels])).item() * len(labels)
+    assert packed == pytest.approx(alone, abs=1e-5)
+
+
+def test_span_corruption_sentinels_take_their_span_document():
+    from framework.data.collators import span_input_segments
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
+    noise = torch.tensor([[False, True, True, True, False, False, True, False]])  # spans at 1..3 and 6
+    # inputs: t0, <s0> (span from 1: doc 0), t4, t5, <s1> (span at 6: doc 1), t7, <eos> (last: doc 2)
+    assert span_input_segments(segments, noise).tolist() == [[0, 0, 1, 1, 1, 2, 2]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["clm", "mlm", "span_corruption"])
+def test_training_with_document_mask_runs(compose, tmp_path, objective):
+    from framework.config import to_run_config
+    from framework.train import build_run
+
+    cfg = to_run_config(compose([f"objective={objective}", "data.document_mask=true", "trainer.max_steps=2",
+                                 "callbacks.throughput=false"]
+                                + ([] if objective == "clm" else ["model=" + {"mlm": "bert-tiny",
+                                                                              "span_corruption": "t5-tiny"}[objective]])))
+    trainer, module, dm, _ = build_run(cfg, tmp_path)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "document_ids" in batch and int(batch["document_ids"].max()) > 0  # several documents per window
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2

@@ -78,7 +78,8 @@ class MLMCollator:
 
     def __init__(self, *, vocab_size: int, mask_id: int, special_ids: tuple[int, ...], mask_probability: float = 0.15,
                  mask_token_fraction: float = 0.8, random_token_fraction: float = 0.1,
-                 word_tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 word_tables: tuple[torch.Tensor, torch.Tensor] | None = None, document_eos_id: int | None = None
+                 ) -> None:
         if not 0.0 < mask_probability < 1.0:
             raise ValueError(f"objective.mask_probability={mask_probability} must be strictly between 0 and 1.")
         if mask_token_fraction < 0 or random_token_fraction < 0 or mask_token_fraction + random_token_fraction > 1:
@@ -91,6 +92,7 @@ class MLMCollator:
         self.mask_token_fraction = mask_token_fraction
         self.random_token_fraction = random_token_fraction
         self.word_tables = word_tables
+        self.document_eos_id = document_eos_id  # set: add "document_ids" for block-diagonal attention
 
     def __call__(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         word_index = word_ids(windows, *self.word_tables) if self.word_tables is not None else None
@@ -101,7 +103,10 @@ class MLMCollator:
         # the selected positions as flat row-major indices, computed here on the host: the model gathers them with
         # index_select, whose output size the host already knows (a boolean mask on the GPU would make it wait)
         predict_index = (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
-        return {"input_ids": inputs, "labels": labels, "predict_index": predict_index}
+        batch = {"input_ids": inputs, "labels": labels, "predict_index": predict_index}
+        if self.document_eos_id is not None:
+            batch["document_ids"] = segment_ids(document_starts(windows, self.document_eos_id))
+        return batch
 
 
 # ============================================================================ T5 span corruption
@@ -222,7 +227,8 @@ class SpanCorruptionCollator:
     with S and T the lengths ``random_spans_helper`` computes for the configured sequence length."""
 
     def __init__(self, *, tokens_length: int, sentinels: tuple[int, ...], eos_id: int, decoder_start_id: int,
-                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> None:
+                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0, document_mask: bool = False) -> None:
+        self.document_mask = document_mask  # add "document_ids" for the encoder's block-diagonal attention
         if not 0.0 < noise_density < 1.0:
             raise ValueError(f"objective.noise_density={noise_density} must be strictly between 0 and 1.")
         if mean_noise_span_length < 1.0:
@@ -243,4 +249,47 @@ class SpanCorruptionCollator:
             raise ValueError(f"span corruption expects windows of {self.tokens_length} tokens, got {L}.")
         noise = random_spans_noise_mask(B, L, self.noise_density, self.mean_noise_span_length, generator, windows.device)
         inputs, targets = corrupt_spans(windows, noise, self.sentinels, self.eos_id)
-        return {"input_ids": inputs, "decoder_input_ids": shift_right(targets, self.decoder_start_id), "labels": targets}
+        batch = {"input_ids": inputs, "decoder_input_ids": shift_right(targets, self.decoder_start_id), "labels": targets}
+        if self.document_mask:
+            batch["document_ids"] = span_input_segments(segment_ids(document_starts(windows, self.eos_id)), noise)
+        return batch
+
+
+# ----------------------------------------------------------------------------- document masking
+def segment_ids(starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True where a new document begins (position 0 need not be marked) -> (B, T) long segment ids."""
+    return starts.long().cumsum(dim=1) - starts[:, :1].long()
+
+
+def document_starts(windows: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, L) raw windows -> (B, L) bool, True where a document starts: after each <eos> (documents are packed
+    back to back with <eos> between them, the layout ``framework.data.prepare`` writes)."""
+    starts = torch.zeros_like(windows, dtype=torch.bool)
+    starts[:, 1:] = windows[:, :-1] == eos_id
+    return starts
+
+
+def span_input_segments(segments: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
+    """The document of each encoder input token after ``corrupt_spans``: a kept token keeps its own, a sentinel
+    takes the first token's of the span it replaces, the final <eos> the window's last. (B, L) -> (B, S)."""
+    B, L = segments.shape
+    previous = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=segments.device), noise_mask[:, :-1]], dim=1)
+    span_start = noise_mask & ~previous
+    values = torch.stack([segments, segments], dim=2).reshape(B, 2 * L)
+    keep = torch.stack([span_start, ~noise_mask], dim=2).reshape(B, 2 * L)
+    return torch.cat([values[keep].reshape(B, -1), segments[:, -1:]], dim=1)
+
+
+class CLMDocumentCollator:
+    """Causal LM with document masking: (B, seq_len + 1) windows -> {"tokens", "document_ids" (B, seq_len)}.
+
+    A document's segment of the model input begins at the <eos> before it, which plays the part of a
+    beginning-of-sequence token: every label (the document's tokens, then its closing <eos>) is predicted from
+    its own document only, exactly as if the document were run by itself after a leading <eos>."""
+
+    def __init__(self, eos_id: int) -> None:
+        self.eos_id = eos_id
+
+    def __call__(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        inputs = windows[:, :-1]
+        return {"tokens": windows, "document_ids": segment_ids(inputs == self.eos_id)}

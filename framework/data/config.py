@@ -59,6 +59,9 @@ class DataConfig:
     # loading
     seq_len: int = 256  # model sequence length; each objective derives its raw window length from it
     micro_batch_size: int = 16  # sequences per device per forward pass
+    # attention only within each packed document (block-causal / block-diagonal) and rotary positions restarting
+    # at each document (framework/models/document_mask.py); off = attend across the whole window
+    document_mask: bool = False
     # DataLoader worker processes per training process; -1 = auto: on CUDA, the process's share of the usable
     # cores minus one, 1..8 (framework.data.datamodule.resolve_num_workers); on CPU, 0
     num_workers: int = -1

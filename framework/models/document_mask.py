@@ -35,11 +35,6 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
     return index - start_index
 
 
-def segment_ids(starts: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool, True where a new document begins (position 0 need not be marked) -> (B, T) long segment ids."""
-    return starts.long().cumsum(dim=1) - starts[:, :1].long()
-
-
 def flex_block_mask(document_ids: torch.Tensor, causal: bool):
     """A FlexAttention BlockMask for ``document_ids`` (B, T); CUDA only (the CPU path uses the boolean mask)."""
     from torch.nn.attention.flex_attention import create_block_mask

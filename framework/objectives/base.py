@@ -78,9 +78,10 @@ class PretrainModule(L.LightningModule):
     def window_length(cls, seq_len: int, objective: ObjectiveConfig) -> int:
         raise NotImplementedError
 
-    def collator(self):
+    def collator(self, document_mask: bool = False):
         """A picklable callable turning (B, window_length) windows into the batch ``compute_loss`` takes,
-        or None when the windows are the batch. It runs in DataLoader workers, so it must not hold the model."""
+        or None when the windows are the batch. It runs in DataLoader workers, so it must not hold the model.
+        ``document_mask``: the batch also carries ``document_ids`` (packed documents attend only to themselves)."""
         return None
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from framework.data.collators import CLMDocumentCollator
 from framework.objectives.base import PretrainModule
 from framework.objectives.config import ObjectiveConfig
 
@@ -22,11 +23,18 @@ class CausalLM(PretrainModule):
     def window_length(cls, seq_len: int, objective: ObjectiveConfig) -> int:
         return seq_len + 1  # inputs are tokens [0, T), targets are tokens [1, T]
 
-    def compute_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-        logits = self.model(inputs)  # (B, T, V)
-        # the count by a fill kernel: torch.tensor(n, device=cuda) would be a blocking host-to-device copy
-        return next_token_loss(logits, targets), torch.full((), targets.numel(), device=batch.device)
+    def collator(self, document_mask: bool = False):
+        """The windows are the batch; with document masking, ``CLMDocumentCollator`` adds their documents."""
+        return CLMDocumentCollator(self.special_ids.eos) if document_mask else None
 
-    def batch_tokens(self, batch: torch.Tensor) -> int:
-        return batch.shape[0] * (batch.shape[1] - 1)
+    def compute_loss(self, batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch``: (B, T + 1) windows, or {"tokens", "document_ids"} with document masking."""
+        windows, documents = (batch["tokens"], batch["document_ids"]) if isinstance(batch, dict) else (batch, None)
+        inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+        logits = self.model(inputs, document_ids=documents)  # (B, T, V)
+        # the count by a fill kernel: torch.tensor(n, device=cuda) would be a blocking host-to-device copy
+        return next_token_loss(logits, targets), torch.full((), targets.numel(), device=windows.device)
+
+    def batch_tokens(self, batch: torch.Tensor | dict) -> int:
+        windows = batch["tokens"] if isinstance(batch, dict) else batch
+        return windows.shape[0] * (windows.shape[1] - 1)

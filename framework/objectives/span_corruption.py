@@ -29,14 +29,16 @@ class SpanCorruption(PretrainModule):
     def target_length(cls, seq_len: int, objective: ObjectiveConfig) -> int:
         return random_spans_helper(seq_len, objective.noise_density, objective.mean_noise_span_length)[1]
 
-    def collator(self) -> SpanCorruptionCollator:
+    def collator(self, document_mask: bool = False) -> SpanCorruptionCollator:
         o, ids = self.objective_config, self.special_ids
         return SpanCorruptionCollator(
             tokens_length=self.window_length(self.seq_len, o), sentinels=ids.sentinels, eos_id=ids.eos,
-            decoder_start_id=ids.pad, noise_density=o.noise_density, mean_noise_span_length=o.mean_noise_span_length)
+            decoder_start_id=ids.pad, noise_density=o.noise_density, mean_noise_span_length=o.mean_noise_span_length,
+            document_mask=document_mask)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"], batch["decoder_input_ids"])  # (B, T_target, V)
+        logits = self.model(batch["input_ids"], batch["decoder_input_ids"],
+                            document_ids=batch.get("document_ids"))  # (B, T_target, V)
         labels = batch["labels"]  # (B, T_target); no padding, every position counts
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
         # the count by a fill kernel: torch.tensor(n, device=cuda) would be a blocking host-to-device copy
