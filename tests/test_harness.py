@@ -205,3 +205,21 @@ def test_fw_eval_refuses_an_unknown_task_and_a_damaged_checkpoint_in_one_line(tm
     bad = subprocess.run(command + [str(damaged), "--tasks", "docstring_topic"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot read the checkpoint" in bad.stderr
+
+
+def test_shipped_task_through_the_harness_with_a_planted_model(tmp_path, monkeypatch):
+    """On docstring_topic, a model that always prefers the token "number" scores exactly the share of "number"
+    labels, 0.5, at every number of shots (the data files resolve beside the YAML, from any working directory)."""
+    from framework.evaluation.harness import FrameworkLM, run_evaluation
+
+    records = [json.loads(line) for line in (local_tasks()["docstring_topic"].parent / "docstring_topic.jsonl")
+               .read_text().splitlines()]
+    words = {w for r in records for w in (r["input"] + " " + r["label"]).replace(".", " ").replace(",", " ").split()}
+    tok, vocab = _word_tokenizer(sorted(words | {"Does", "each", "Python", "docstring", "describe", "an", "operation",
+                                                 "on", "numbers", "or", "strings", "?", "Input", "Label", ":"}))
+    table = torch.zeros(len(vocab), len(vocab))
+    table[:, vocab["number"]] = 5.0
+    lm = FrameworkLM(model=Bigram(table), family="decoder", special=SPECIAL, tokenizer_obj=tok)
+    monkeypatch.chdir(tmp_path)
+    results = run_evaluation(lm, ["docstring_topic"], shots=[0, 3])
+    assert {k: (r["acc"], r["n"]) for k, r in results["docstring_topic"].items()} == {0: (0.5, 40), 3: (0.5, 40)}
