@@ -204,7 +204,7 @@ def test_fw_eval_refuses_an_unknown_task_and_a_damaged_checkpoint_in_one_line(tm
     damaged.write_bytes(b"not a checkpoint")
     bad = subprocess.run(command + [str(damaged), "--tasks", "docstring_topic"], env=env, capture_output=True,
                          text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot read the checkpoint" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "is not a PyTorch checkpoint" in bad.stderr
 
 
 def test_shipped_task_through_the_harness_with_a_planted_model(tmp_path, monkeypatch):
@@ -223,3 +223,17 @@ def test_shipped_task_through_the_harness_with_a_planted_model(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     results = run_evaluation(lm, ["docstring_topic"], shots=[0, 3])
     assert {k: (r["acc"], r["n"]) for k, r in results["docstring_topic"].items()} == {0: (0.5, 40), 3: (0.5, 40)}
+
+
+def test_training_refuses_an_unknown_eval_task_and_the_retired_icl_task_before_any_data(compose, tmp_path):
+    from framework.config import to_run_config
+    from framework.train import ConfigurationError, run
+
+    for override, message in (("callbacks.eval_tasks=[docstring_topic,nope]", "unknown evaluation task 'nope'"),
+                              ("callbacks.icl_task=x/docstring_topic.jsonl",
+                               "with callbacks.eval_tasks=[docstring_topic]")):
+        cache = tmp_path / "cache"
+        cfg = to_run_config(compose([override, f"data.cache_dir={cache}"]))
+        with pytest.raises(ConfigurationError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            run(cfg, tmp_path / "run")
+        assert not cache.exists()  # refused before any data was prepared

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 from framework.evaluation.local_tasks import check_eval_settings, parse_shots
@@ -44,21 +45,31 @@ def default_out(checkpoint: Path) -> Path:
     return run_dir / "eval" / f"{checkpoint.stem}.json"
 
 
+def load_for_eval(checkpoint: str | Path, tokenizer: str | None = None):
+    """(model, family, special ids, tokenizer) of a training checkpoint and its run directory's tokenizer."""
+    from framework.data.tokenizer import load_tokenizer
+    from framework.generate import find_tokenizer, load_checkpoint
+
+    model, hp = load_checkpoint(checkpoint)
+    tok = load_tokenizer(tokenizer or find_tokenizer(Path(checkpoint), hp.get("tokenizer_path", "")))
+    return model, hp["model_config"]["family"], hp["special_ids"], tok
+
+
 def _load(checkpoint: Path, tokenizer: str | None):
     """The model and tokenizer, or one sentence saying why not (any failure to read a user's file)."""
-    from framework.evaluation.harness import load_for_eval
-
     if not checkpoint.is_file():
         raise UsageError(f"no checkpoint file at {checkpoint}; give a .ckpt written by training "
                          "(<run_dir>/checkpoints/last.ckpt; a sharded directory needs fw-consolidate first).")
+    if not zipfile.is_zipfile(checkpoint):  # torch.save writes a zip archive; checked before torch is imported
+        raise UsageError(f"{checkpoint} is not a PyTorch checkpoint (not a zip archive: damaged, truncated or another "
+                         "file); give a .ckpt written by training.")
     try:
         return load_for_eval(checkpoint, tokenizer)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err).strip("'\"")) from err
     except Exception as err:  # a truncated or foreign file: torch.load's many error types
-        raise UsageError(f"cannot read the checkpoint {checkpoint} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'damaged file'}); give a .ckpt written by "
-                         "training.") from err
+        raise UsageError(f"cannot read the checkpoint {checkpoint} ({type(err).__name__}); it is damaged or not a "
+                         ".ckpt written by training.") from err
 
 
 def main(argv: list[str] | None = None) -> dict:
