@@ -237,3 +237,20 @@ def test_training_refuses_an_unknown_eval_task_and_the_retired_icl_task_before_a
         with pytest.raises(ConfigurationError, match=message.replace("[", r"\[").replace("]", r"\]")):
             run(cfg, tmp_path / "run")
         assert not cache.exists()  # refused before any data was prepared
+
+
+def test_generate_until_decodes_greedily_and_stops_at_the_until_string():
+    """A bigram whose argmax successor cycles a -> b -> c -> . -> a: from "a" the greedy text is "b c . a b ...",
+    cut before the first "."; a family that cannot generate refuses in one sentence."""
+    from framework.evaluation.harness import FrameworkLM
+
+    tok, vocab = _word_tokenizer(["a", "b", "c", "."])
+    table = torch.zeros(len(vocab), len(vocab))
+    for current, successor in (("a", "b"), ("b", "c"), ("c", "."), (".", "a")):
+        table[vocab[current], vocab[successor]] = 5.0
+    lm = FrameworkLM(model=Bigram(table), family="decoder", special=SPECIAL, tokenizer_obj=tok)
+    request = type("Instance", (), {"args": ("a", {"until": ["."], "max_gen_toks": 6}), "kwargs": {}})()
+    assert lm.generate_until([request]) == ["b c "]
+    encoder = FrameworkLM(model=LeftNeighbour(table), family="encoder", special=SPECIAL, tokenizer_obj=tok)
+    with pytest.raises(NotImplementedError, match="generation tasks need a decoder checkpoint"):
+        encoder.generate_until([request])

@@ -51,8 +51,8 @@ def offline():
 class FrameworkLM(LM):
     """A framework model (a plain ``nn.Module`` from ``framework.models``) with its tokenizer, for the harness.
 
-    ``lm_eval --model framework --model_args checkpoint=<ckpt> --include_path framework/evaluation/tasks`` also
-    works; ``fw-eval`` and the end-of-training evaluation build it directly."""
+    Registered so that code which imports this module can also call ``lm_eval.simple_evaluate(model="framework",
+    model_args={"checkpoint": ...})``; ``fw-eval`` and the end-of-training evaluation build it directly."""
 
     def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None, device: str | None = None,
                  batch_size: int | str = 16, *, model=None, family: str | None = None, special: dict | None = None,
