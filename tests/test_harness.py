@@ -77,8 +77,9 @@ def test_harness_few_shot_scores_equal_hand_computed_loglikelihoods(tmp_path, mo
     _write_task(tmp_path)
     tok, vocab = _word_tokenizer(["Fruit", "or", "colour", "?", "Input", "Label", ":", "apple", "red", "fruit", "a"])
     # ":" pulls towards "fruit" (0-shot: "apple" right, "red" wrong, acc 0.5); "red" and a shown "fruit" label pull
-    # towards "a": with the other example in the prompt both are right (1-shot acc 1.0)
-    weights = {(":", "fruit"): 0.5, ("red", "a"): 1.0, ("fruit", "a"): 3.0, ("a", "colour"): 3.0}
+    # towards "a": with the other example in the prompt both are right (1-shot acc 1.0); the <eos> the decoder is
+    # scored after (a document start, as in training) counts too
+    weights = {(":", "fruit"): 0.5, ("red", "a"): 1.0, ("fruit", "a"): 3.0, ("a", "colour"): 3.0, ("<eos>", "a"): 0.2}
     table = torch.zeros(len(vocab), len(vocab))
     for (w, v), x in weights.items():
         table[vocab[w], vocab[v]] = x
