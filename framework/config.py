@@ -60,10 +60,12 @@ class CallbacksConfig:
     throughput: bool = True
     throughput_window: int = 20  # micro-batches averaged for tokens/s, FLOP/s and MFU
     peak_flops_per_device: float = 0.0  # 0 = the table's peak for the detected GPU and precision; set it elsewhere
-    # in-context evaluation after training ("" = off), e.g. framework/evaluation/tasks/docstring_topic.jsonl
-    icl_task: str = ""
-    icl_shots: list[int] = field(default_factory=lambda: [0, 1, 3])
-    icl_limit: int = 0  # queries evaluated (the task's first N; 0 = all)
+    # zero-/few-shot evaluation after training through lm-evaluation-harness (framework.evaluation.harness):
+    # local task names (framework/evaluation/tasks/*.yaml), e.g. [docstring_topic]; [] = off
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_shots: list[int] = field(default_factory=lambda: [0, 1, 3])  # one harness run per number of shots
+    eval_limit: int = 0  # examples evaluated per task (the first N; 0 = all)
+    icl_task: str = ""  # retired (fw-icl): refused with a pointer to eval_tasks
     model_card: bool = True  # README.md + model_card.json in the run directory at the end of training
 
 

@@ -35,7 +35,7 @@ from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_pl
 from framework.distributed.parallelize import Parallelizer
 from framework.distributed.precision import check_strategy_precision, detect_device
 from framework.distributed.strategies import build_strategy
-from framework.evaluation.icl import evaluate_after_training, load_task
+from framework.evaluation.local_tasks import check_eval_settings
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
 from framework.objectives.config import check_optim
@@ -127,7 +127,11 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
         if branching:
             ckpt_path = resolve_branch(cfg.branch_from, cfg.optim, cfg.trainer.max_steps)
         if cfg.callbacks.icl_task:
-            load_task(cfg.callbacks.icl_task)  # a missing or malformed task fails now, not after training
+            raise ValueError(f"callbacks.icl_task was retired with fw-icl; evaluate through lm-evaluation-harness "
+                             f"with callbacks.eval_tasks=[{Path(cfg.callbacks.icl_task).stem}] (local tasks in "
+                             "framework/evaluation/tasks/) and callbacks.eval_shots.")
+        if cfg.callbacks.eval_tasks:  # an unknown task fails now, not after training
+            check_eval_settings(cfg.callbacks.eval_tasks, cfg.callbacks.eval_shots)
         trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=None if branching else ckpt_path)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise ConfigurationError(str(err).strip("'\"")) from err
@@ -160,10 +164,11 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
     if monitor is not None and monitor.flops_per_micro_batch:
         metrics.update(flops=monitor.cumulative_flops, pf_days=pf_days(monitor.cumulative_flops))
-    if cfg.callbacks.icl_task:
-        metrics["icl_task"] = Path(cfg.callbacks.icl_task).stem
-        metrics["icl_accuracy"] = evaluate_after_training(trainer, module, prepared.tokenizer(), cfg.callbacks.icl_task,
-                                                          cfg.callbacks.icl_shots, cfg.callbacks.icl_limit)
+    if cfg.callbacks.eval_tasks:  # lm-evaluation-harness on the local tasks, every rank (a sharded forward)
+        from framework.evaluation.harness import evaluate_after_training
+
+        metrics["eval"] = evaluate_after_training(trainer, module, prepared.tokenizer(), cfg.callbacks.eval_tasks,
+                                                  cfg.callbacks.eval_shots, cfg.callbacks.eval_limit)
     if trainer.is_global_zero:
         (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         _print_summary(metrics, run_dir)

@@ -50,7 +50,7 @@ class ModelCardInfo:
     parameters: int
     data: dict = field(default_factory=dict)  # source, description, tokens_seen, seq_len, documents, vocab_size
     compute: dict = field(default_factory=dict)  # flops, steps, devices, accelerator, precision
-    results: dict = field(default_factory=dict)  # train_loss, val_loss_nats, val_ppl, icl_accuracy, ...
+    results: dict = field(default_factory=dict)  # train_loss, val_loss_nats, val_ppl, eval (harness), ...
 
 
 def describe_data(data_cfg: Any, meta: dict | None = None) -> dict:
@@ -134,9 +134,7 @@ def render_model_card(info: ModelCardInfo, usage: str | None = None) -> str:
         f"(perplexity {_fmt(res.get('val_ppl'), '.2f')}; unigram entropy of the validation tokens "
         f"{_fmt(res.get('val_unigram_entropy_nats'), '.4f')})",
     ]
-    if res.get("icl_accuracy"):
-        cells = ", ".join(f"{k}-shot {v:.3f}" for k, v in res["icl_accuracy"].items())
-        lines.append(f"- in-context accuracy on {res.get('icl_task', 'the task')}: {cells}")
+    lines += evaluation_lines(res)
     if usage:
         lines += ["", "## How to load", "", "```python", usage, "```"]
     lines += [
@@ -156,6 +154,28 @@ def render_model_card(info: ModelCardInfo, usage: str | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def evaluation_lines(results: dict) -> list[str]:
+    """One line per task of the lm-evaluation-harness results (``results["eval"]``: {task: {shots: {metric: v}}},
+    shots as int or, read back from JSON, str), accuracy with its standard error; a card written by the retired
+    in-context evaluation (``icl_accuracy``) still renders."""
+    lines = []
+    for task, by_shot in (results.get("eval") or {}).items():
+        cells = []
+        for k, metrics in sorted(by_shot.items(), key=lambda kv: int(kv[0])):
+            metric = "acc" if "acc" in metrics else next((m for m in metrics if m not in ("n", "samples")
+                                                          and not m.endswith("_stderr")), None)
+            if metric is None:
+                continue
+            stderr = metrics.get(f"{metric}_stderr")
+            cells.append(f"{k}-shot {metric} {metrics[metric]:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else ""))
+        n = next(iter(by_shot.values()), {}).get("n")
+        lines.append(f"- {task} (lm-evaluation-harness, {n} examples): {', '.join(cells)}")
+    if results.get("icl_accuracy"):
+        cells = ", ".join(f"{k}-shot {v:.3f}" for k, v in results["icl_accuracy"].items())
+        lines.append(f"- in-context accuracy on {results.get('icl_task', 'the task')}: {cells}")
+    return lines
 
 
 def _padded(c: dict) -> int | None:
@@ -186,7 +206,7 @@ def run_card_info(name: str, module, trainer, data_cfg: Any, prepared_meta: dict
                "accelerator": accelerator or module.device.type, "precision": str(trainer.precision),
                "flops": monitor.cumulative_flops if monitor and monitor.flops_per_micro_batch else None}
     results = {k: metrics.get(k) for k in ("train_loss", "val_loss_nats", "val_ppl", "val_unigram_entropy_nats",
-                                           "icl_task", "icl_accuracy") if metrics.get(k) is not None}
+                                           "eval") if metrics.get(k) is not None}
     return ModelCardInfo(name=name, objective=module.objective_name, model_config=asdict(module.model_config),
                          parameters=module.model_config.num_parameters(), data=data, compute=compute, results=results)
 
