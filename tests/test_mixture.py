@@ -57,21 +57,23 @@ def test_schedule_bound_holds_for_many_sources_and_zero_weights():
     assert _shares_deviation(direct, weights) <= tolerance_windows(weights) + 1e-9 == 1 - 1 / 10 + 1e-9
 
 
-def _merged(names, weights, sizes, world, per_rank, start=0, seed=5):
-    """Each rank's first ``per_rank`` samples, and all ranks' samples in global order."""
+def _merged(names, weights, sizes, world, per_rank, start=0, seed=5, micro_batch=1):
+    """Each rank's first ``per_rank`` samples, and all ranks' samples in global order (rank blocks side by side)."""
     streams = []
     for rank in range(world):
-        it = iter(MixtureSampler(names, weights, sizes, seed, rank, world, start))
+        it = iter(MixtureSampler(names, weights, sizes, seed, rank, world, start, micro_batch_size=micro_batch))
         streams.append([next(it) for _ in range(per_rank)])
-    merged = [streams[p % world][p // world] for p in range(world * per_rank)]
+    merged = [streams[r][m * micro_batch + i] for m in range(per_rank // micro_batch) for r in range(world)
+              for i in range(micro_batch)]
     return streams, merged
 
 
 def test_resume_mid_stream_and_two_ranks_disjoint():
     names, weights, sizes = ["big", "mid", "small"], [0.7, 0.2, 0.1], [50, 13, 7]
     full, merged = _merged(names, weights, sizes, world=2, per_rank=400)
-    # rank r reads global positions r, r + 2, ...; positions count each rank's own samples
-    assert [p for _, _, p in full[1]] == list(range(400))
+    # rank r reads global positions r, r + 2, ... (micro-batch 1); positions are global
+    assert [p for _, _, p in full[1]] == list(range(1, 800, 2))
+    assert [p for _, _, p in merged] == list(range(800))
     # within a source, consecutive blocks of one epoch are a permutation of its windows: no window is read by
     # both ranks (or twice) within an epoch; the small source repeated ~11 times, each epoch in a new order
     orders = []
@@ -81,13 +83,17 @@ def test_resume_mid_stream_and_two_ranks_disjoint():
         assert all(sorted(e) == list(range(size)) for e in epochs)
         orders.append(epochs)
     assert len(orders[2]) >= 10 and orders[2][0] != orders[2][1]
-    # resume after 123 samples per rank: the per-source counts follow from the position; same continuation
-    consumed = 123
-    assert MixtureSchedule(weights).counts(2 * consumed) == [
-        sum(1 for s, _, _ in merged[: 2 * consumed] if s == i) for i in range(3)]
-    resumed, _ = _merged(names, weights, sizes, world=2, per_rank=400 - consumed, start=consumed)
+    # resume after 246 global samples: the per-source counts follow from the position; same continuation
+    consumed = 246
+    assert MixtureSchedule(weights).counts(consumed) == [
+        sum(1 for s, _, _ in merged[:consumed] if s == i) for i in range(3)]
+    resumed, _ = _merged(names, weights, sizes, world=2, per_rank=400 - consumed // 2, start=consumed)
     for rank in range(2):
-        assert resumed[rank] == full[rank][consumed:]
+        assert resumed[rank] == full[rank][consumed // 2 :]
+    # and on another world size and micro-batch (1 rank x 4, 3 ranks x 2): the same global stream
+    for world, micro_batch in ((1, 4), (3, 2)):
+        _, other = _merged(names, weights, sizes, world, per_rank=96, start=consumed, micro_batch=micro_batch)
+        assert other == merged[consumed : consumed + len(other)]
 
 
 def _code_files(tmp_path: Path, count: int = 60) -> list[str]:

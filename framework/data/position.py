@@ -77,6 +77,6 @@ def check_resume_world_size(path: str | Path | None, world_size: int) -> None:
         return
     saved = sharded_world_size(path)
     if saved is not None and saved != world_size:
-        raise ValueError(f"{path} is a DeepSpeed ZeRO checkpoint partitioned over {saved} ranks and cannot be loaded "
-                         f"by {world_size}; consolidate it into one file (fw-consolidate {path} full.ckpt) and resume "
-                         "from that with resume=full.ckpt, or resume on the same number of ranks.")
+        raise ValueError(f"{path} is a DeepSpeed ZeRO checkpoint partitioned over {saved} ranks, which {world_size} "
+                         f"ranks cannot load; resume on {saved} ranks, or run fw-consolidate {path} full.ckpt and "
+                         "resume from that file (resume=full.ckpt) with strategy=ddp or fsdp on any number of ranks.")
