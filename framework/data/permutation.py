@@ -47,6 +47,32 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _half_bits(n: int) -> int:
+    """h: the network permutes [0, 4^h), the smallest power of four >= n (at least 4)."""
+    return max(1, ((n - 1).bit_length() + 1) // 2)
+
+
+def _feistel(x: np.ndarray, keys: np.ndarray, half_bits: int) -> np.ndarray:
+    """One pass of the network over ``[0, 4^h)``: (L, R) -> (R, L xor F_k(R)) per round. ``keys``: (rounds,) for
+    all elements, or (len(x), rounds), one key schedule per element."""
+    shift, mask = np.uint64(half_bits), np.uint64((1 << half_bits) - 1)
+    left, right = x >> shift, x & mask
+    for r in range(keys.shape[-1]):
+        left, right = right, left ^ (_mix(right * _GOLDEN + keys[..., r]) & mask)
+    return (left << shift) | right
+
+
+def _permute(offsets: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+    """The images of ``offsets`` (int64, 1-D, all in [0, n)) under the cycle-walked network."""
+    half_bits = _half_bits(n)
+    out = _feistel(offsets.astype(np.uint64), keys, half_bits)
+    outside = np.flatnonzero(out >= np.uint64(n))
+    while outside.size:  # cycle walking: only the elements still outside [0, n) take another pass
+        out[outside] = _feistel(out[outside], keys if keys.ndim == 1 else keys[outside], half_bits)
+        outside = outside[out[outside] >= np.uint64(n)]
+    return out.astype(np.int64)
+
+
 class FeistelPermutation:
     """A bijection of ``[0, n)`` keyed by (seed, epoch, stream); ``perm(i)`` for an int or an integer array.
 
@@ -56,39 +82,23 @@ class FeistelPermutation:
         if n < 1:
             raise ValueError(f"a permutation needs at least one element, got n={n}.")
         self.n = int(n)
-        self.half_bits = max(1, ((self.n - 1).bit_length() + 1) // 2)  # h: the domain is 4^h >= n
-        self.half_mask = np.uint64((1 << self.half_bits) - 1)
         self.keys = _round_keys(seed, epoch, stream, rounds)
-
-    def _feistel(self, x: np.ndarray) -> np.ndarray:
-        """One pass of the network over ``[0, 4^h)``: (L, R) -> (R, L xor F_k(R)) per round."""
-        shift = np.uint64(self.half_bits)
-        left, right = x >> shift, x & self.half_mask
-        for key in self.keys:
-            left, right = right, left ^ (_mix(right * _GOLDEN + key) & self.half_mask)
-        return (left << shift) | right
 
     def __call__(self, index):
         scalar = np.ndim(index) == 0
         x = np.asarray(index, dtype=np.int64)
         if x.size and (x.min() < 0 or x.max() >= self.n):
             raise IndexError(f"indices must lie in [0, {self.n}).")
-        out = self._feistel(x.astype(np.uint64).reshape(-1))
-        outside = np.flatnonzero(out >= np.uint64(self.n))
-        while outside.size:  # cycle walking: only the elements still outside [0, n) take another pass
-            out[outside] = self._feistel(out[outside])
-            outside = outside[out[outside] >= np.uint64(self.n)]
-        out = out.astype(np.int64).reshape(x.shape)
+        out = _permute(x.reshape(-1), self.n, self.keys).reshape(x.shape)
         return int(out) if scalar else out
 
 
 def stream_windows(positions: np.ndarray, num_windows: int, seed: int, stream: int = 0) -> np.ndarray:
     """The window read at each position of an endless stream of epochs: epoch ``e = p // n`` visits every window
-    once, in ``FeistelPermutation(n, seed, e, stream)`` order. ``positions``: int64 array, any shape."""
+    once, in ``FeistelPermutation(n, seed, e, stream)`` order. ``positions``: int64 array, any shape; one
+    vectorised pass however many epochs they span (each element carries its epoch's key schedule)."""
     positions = np.asarray(positions, dtype=np.int64)
-    epochs, offsets = np.divmod(positions, num_windows)
-    out = np.empty_like(positions)
-    for epoch in np.unique(epochs):  # a chunk of consecutive positions spans one or two epochs
-        where = epochs == epoch
-        out[where] = FeistelPermutation(num_windows, seed, int(epoch), stream)(offsets[where])
-    return out
+    epochs, offsets = np.divmod(positions.reshape(-1), num_windows)
+    unique, which = np.unique(epochs, return_inverse=True)
+    schedules = np.stack([_round_keys(seed, int(e), stream, ROUNDS) for e in unique])  # (epochs, rounds)
+    return _permute(offsets, num_windows, schedules[which]).reshape(positions.shape)
