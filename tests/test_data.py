@@ -12,6 +12,7 @@ from framework.data.datamodule import PackedWindows, PretrainDataModule, Resumab
 from framework.data.prepare import open_tokens, prepare_data, unigram_entropy
 from framework.data.sources import is_validation, iter_documents, stdlib_documents
 from framework.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS
+from fake_trainer import FakeTrainer
 
 
 def test_embedded_corpus_is_real_text():
@@ -124,16 +125,6 @@ def test_bad_data_settings_are_refused_with_clear_errors(tmp_path):
         list(iter_documents(DataConfig(source="ftp")))
 
 
-class _FakeTrainer:
-    """What the DataModule reads of a trainer: rank r of ``world`` on the CPU."""
-
-    def __init__(self, rank: int, world: int) -> None:
-        from types import SimpleNamespace
-
-        self.global_rank, self.world_size, self.num_devices = rank, world, world
-        self.strategy = SimpleNamespace(root_device=torch.device("cpu"))
-
-
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -244,7 +235,7 @@ def test_random_collation_is_reproducible_after_resume_and_differs_per_batch(tin
     # one sample's mask is its own: 2 ranks x 2 windows (or 1 x 4 from position 2) mask each window as 1 x 4 did
     dm = PretrainDataModule(tiny_prepared, window_length=64, micro_batch_size=2, collate_fn=collate, seed=5)
     for rank in range(2):
-        dm.trainer = _FakeTrainer(rank, 2)
+        dm.trainer = FakeTrainer(rank, 2)
         half = next(iter(dm.train_dataloader()))
         rows = slice(2 * rank, 2 * rank + 2)
         assert torch.equal(half["input_ids"], straight[0]["input_ids"][rows])

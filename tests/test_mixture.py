@@ -17,6 +17,7 @@ from framework.data.config import DataConfig, SourceSpec
 from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import MixtureDataModule, MixtureSampler, mixture_weights, prepare_mixture, source_config
 from framework.data.mixture_schedule import MixtureSchedule, tijdeman_sequence, tolerance_windows
+from fake_trainer import FakeTrainer
 from stop_at import StopAt
 
 
@@ -181,6 +182,34 @@ def test_datamodule_state_round_trip(compose, code_paths):
     # validation: one loader per source, val_windows per source
     loaders = resumed.val_dataloader()
     assert resumed.val_names == ["code", "prose"] and len(loaders) == 2
+
+
+def test_mixture_resumes_on_another_world_size(compose, code_paths):
+    """2 ranks x 2 windows stopped after 3 micro-batches, resumed on 1 rank x 4 (and 1 -> 2): the same windows as
+    one uninterrupted rank x 4, the ranks' batches side by side."""
+    prepared = prepare_mixture(to_run_config(compose(_mixture_overrides(code_paths, (0.7, 0.3)))).data, progress=False)
+
+    def read(world: int, micro_batch: int, micro_batches: int, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        modules = [MixtureDataModule(prepared, 33, micro_batch, seed=11) for _ in range(world)]
+        batches = []
+        for rank, dm in enumerate(modules):
+            dm.trainer = FakeTrainer(rank, world)
+            if state is not None:
+                dm.load_state_dict(json.loads(json.dumps(state)))
+            batches.append([b for b, _ in zip(dm.train_dataloader(), range(micro_batches))])
+        for _ in range(micro_batches):
+            modules[0].on_micro_batch_consumed()
+        return torch.cat([b for step in zip(*batches) for b in step]), modules[0].state_dict()
+
+    reference, _ = read(1, 4, 12)  # (48, 33): global positions 0..47
+    first, state = read(2, 2, 3)
+    assert state["global_samples_consumed"] == 12 and state["world_size"] == 2
+    assert state["source_windows"] == {"code": 8, "prose": 4}  # 12 windows at 0.7 / 0.3 (8.4 / 3.6)
+    resumed, _ = read(1, 4, 9, state)
+    assert torch.equal(torch.cat([first, resumed]), reference)
+    first, state = read(1, 4, 3)
+    resumed, _ = read(2, 2, 9, state)
+    assert torch.equal(torch.cat([first, resumed]), reference)
 
 
 @pytest.mark.parametrize("mixture, message", [

@@ -1,7 +1,7 @@
 """A run stopped on W ranks and resumed on W' (2 -> 1 and 1 -> 2, DDP on CPU with gloo) continues the global order:
 every window of an epoch is read exactly once across the stop, in the order of an uninterrupted single process
-with the same global batch. Also: mixtures on another world size, old per-rank checkpoints, sharded checkpoints
-that cannot be resharded, and the permutation's speed."""
+with the same global batch. Also: masked-LM validation batches on any world size, old per-rank checkpoints, and
+sharded checkpoints that cannot be loaded on another world size (mixtures: tests/test_mixture.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
 import pytest
 import torch
 
-from framework.data.datamodule import PackedWindows
+from framework.data.datamodule import PackedWindows, PretrainDataModule
+from framework.data.position import DATA_ORDER, check_resume_world_size, saved_global_position
+from fake_trainer import FakeTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from world_size_worker import fit  # noqa: E402
@@ -84,3 +87,58 @@ def _train_windows(compose, small_corpus) -> list[tuple]:
     prepared = prepare_data(to_run_config(compose(_overrides(*small_corpus, 1), tiny=False)).data, progress=False)
     windows = PackedWindows(prepared.shards("train"), prepared.dtype, 65)
     return [tuple(windows[i].tolist()) for i in range(len(windows))]
+
+
+# ---------------------------------------------------------------------------------------------- fast checks
+def test_masked_lm_validation_batches_are_the_same_on_any_world_size(tiny_prepared):
+    from framework.data.collators import MLMCollator
+
+    ids = tiny_prepared.special_ids()
+    dm = PretrainDataModule(tiny_prepared, window_length=64, micro_batch_size=3, seed=2, val_windows=12,
+                            collate_fn=MLMCollator(vocab_size=512, mask_id=ids.mask, special_ids=ids.all))
+
+    def labels_by_window(world: int) -> dict[tuple, tuple]:
+        out = {}
+        for rank in range(world):
+            dm.trainer = FakeTrainer(rank, world)
+            for batch in dm.val_dataloader():
+                for inputs, labels in zip(batch["input_ids"], batch["labels"]):  # the raw window: labels where selected
+                    out[tuple(torch.where(labels >= 0, labels, inputs).tolist())] = tuple(labels.tolist())
+        return out
+
+    one, two = labels_by_window(1), labels_by_window(2)
+    assert len(one) == 12 and one == two  # the same 12 windows, each masked the same way
+
+
+def test_old_per_rank_positions_are_converted_or_refused(tiny_prepared):
+    old = {"samples_consumed": 40, "seed": 0, "window_length": 65, "tokenizer_hash": tiny_prepared.meta["tokenizer_hash"]}
+    dm = PretrainDataModule(tiny_prepared, window_length=65, micro_batch_size=4)
+    dm.trainer = FakeTrainer(0, 1, loaded={"rng_states": [{}, {}]})  # written by 2 ranks, resumed by 1
+    with pytest.warns(UserWarning, match="former per-epoch randperm order"):
+        dm.load_state_dict(old)
+    assert dm.global_samples_consumed == 80
+    with pytest.warns(UserWarning):  # an old mixture checkpoint's position was already global
+        assert saved_global_position({"samples_consumed": 24, "global_position": 48}, None) == 48
+    dm.trainer = FakeTrainer(0, 1)
+    with pytest.raises(ValueError, match="not how many ranks wrote it"):
+        dm.load_state_dict(old)
+    new = {**dm.state_dict(), "global_samples_consumed": 123, "world_size": 3}
+    assert new["order"] == DATA_ORDER
+    dm.trainer = FakeTrainer(1, 2)
+    dm.load_state_dict(new)
+    assert dm.global_samples_consumed == 123  # any world size continues at the global position
+
+
+def test_deepspeed_checkpoint_on_another_world_size_is_refused_before_loading(compose, tmp_path):
+    from framework.config import to_run_config
+    from framework.train import ConfigurationError, run
+
+    ckpt = tmp_path / "step0000004.ckpt"  # DeepSpeed's layout: latest + <tag>/ with one optimizer partition per rank
+    (ckpt / "global_step4").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step4")
+    for rank in range(2):
+        (ckpt / "global_step4" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    check_resume_world_size(ckpt, 2)  # the same world size passes
+    check_resume_world_size(tmp_path / "full.ckpt", 1)  # a single file resumes anywhere
+    with pytest.raises(ConfigurationError, match=r"partitioned over 2 ranks, which 1 ranks cannot load.*fw-consolidate"):
+        run(to_run_config(compose([f"resume={ckpt}", "trainer.max_steps=1"])), tmp_path / "run")
