@@ -9,8 +9,8 @@ given, else trained on the union of the sources' training documents and kept in
 
 Sampling (``MixtureSchedule``): every window has the same length, so a share of windows is a share of
 tokens. Global sample position ``n`` (all ranks' samples; rank ``r`` of ``W`` with micro-batch ``B`` takes block
-``r`` of every ``W B`` positions, as in framework/data/datamodule.py) is given to a source by Tijdeman's rule for the chairman assignment problem
-(R. Tijdeman, "The chairman assignment problem", Discrete Mathematics 32, 1980): among the sources whose
+``r`` of every ``W B`` positions, as in framework/data/datamodule.py) is given to a source by Tijdeman's rule
+for the chairman assignment problem (R. Tijdeman, "The chairman assignment problem", Discrete Mathematics 32, 1980): among the sources whose
 deficit ``w_i n - c_i`` is at least ``delta = 1 / (2k - 2)`` (``k`` sources of positive weight, ``c_i`` the
 windows already given to source ``i``), the one whose deficit would first reach ``1 - delta``. It
 guarantees, at EVERY prefix of ``n`` windows,
