@@ -30,6 +30,7 @@ from framework.callbacks.throughput import ThroughputMonitor, pf_days
 from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
 from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import MixtureDataModule, MixtureTokensLogger, mixture_metrics, prepare_mixture
+from framework.data.position import check_resume_world_size
 from framework.data.prepare import prepare_data
 from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_plugins, checkpoint_wandb_id, resolve_resume
 from framework.distributed.parallelize import Parallelizer
@@ -133,6 +134,7 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
         if cfg.callbacks.eval_tasks:  # an unknown task fails now, not after training
             check_eval_settings(cfg.callbacks.eval_tasks, cfg.callbacks.eval_shots)
         trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=None if branching else ckpt_path)
+        check_resume_world_size(ckpt_path, trainer.num_nodes * trainer.num_devices)  # before anything is loaded
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise ConfigurationError(str(err).strip("'\"")) from err
     if ckpt_path and trainer.is_global_zero:

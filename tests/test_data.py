@@ -12,6 +12,7 @@ from framework.data.datamodule import PackedWindows, PretrainDataModule, Resumab
 from framework.data.prepare import open_tokens, prepare_data, unigram_entropy
 from framework.data.sources import is_validation, iter_documents, stdlib_documents
 from framework.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS
+from fake_trainer import FakeTrainer
 
 
 def test_embedded_corpus_is_real_text():
@@ -128,19 +129,45 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def _merged_ranks(n, seed, world, micro_batch, micro_batches, start=0):
+    """All ranks' samples ((window, position) pairs) of ``micro_batches`` micro-batches, rank blocks side by side."""
+    streams = [iter(ResumableRankSampler(n, seed, rank, world, start=start, with_position=True,
+                                         micro_batch_size=micro_batch)) for rank in range(world)]
+    return [item for _ in range(micro_batches) for s in streams for item in _take(s, micro_batch)]
+
+
 def test_sampler_order_is_seeded_rank_disjoint_and_resumable():
-    n, world = 103, 2
-    a0 = _take(iter(ResumableRankSampler(n, seed=7, rank=0, world_size=world)), 51)
-    a1 = _take(iter(ResumableRankSampler(n, seed=7, rank=1, world_size=world)), 51)
-    assert a0 == _take(iter(ResumableRankSampler(n, seed=7, rank=0, world_size=world)), 51)  # deterministic
-    assert a0 != _take(iter(ResumableRankSampler(n, seed=8, rank=0, world_size=world)), 51)  # seed matters
-    assert not set(a0) & set(a1)  # ranks read different windows within an epoch
-    assert len(set(a0)) == 51  # no repeats within an epoch
-    # resuming at any position continues the uninterrupted stream exactly, across epoch boundaries
-    stream = _take(iter(ResumableRankSampler(n, seed=7, rank=1, world_size=world)), 200)
-    for start in (0, 13, 51, 77, 102):
-        resumed = _take(iter(ResumableRankSampler(n, seed=7, rank=1, world_size=world, start=start)), 50)
-        assert resumed == stream[start : start + 50]
+    n = 103
+    single = _merged_ranks(n, 7, world=1, micro_batch=6, micro_batches=50)  # 300 samples: 2.9 epochs
+    assert [p for _, p in single] == list(range(300))  # positions are global
+    assert single == _merged_ranks(n, 7, world=1, micro_batch=6, micro_batches=50)  # deterministic
+    assert single != _merged_ranks(n, 8, world=1, micro_batch=6, micro_batches=50)  # seed matters
+    windows = [w for w, _ in single]
+    for epoch in range(2):  # every epoch visits each window once, in a new order; no remainder dropped
+        assert sorted(windows[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert windows[:n] != windows[n : 2 * n]
+    # 2 or 3 ranks with micro-batch 2 (or 3 ranks x 2) read, rank blocks side by side, the single stream
+    assert _merged_ranks(n, 7, world=2, micro_batch=3, micro_batches=50) == single
+    assert _merged_ranks(n, 7, world=3, micro_batch=2, micro_batches=50) == single
+    # resuming at any global position on any world size continues the uninterrupted stream exactly
+    for start, world, micro_batch in ((0, 2, 3), (13, 1, 6), (102, 2, 1), (103, 3, 5), (150, 2, 4)):
+        resumed = _merged_ranks(n, 7, world, micro_batch, micro_batches=120 // (world * micro_batch), start=start)
+        assert resumed == single[start : start + len(resumed)]
+
+
+def test_sampler_needs_constant_memory_at_any_corpus_size():
+    """10^12 windows (a ~10^15-token corpus): a randperm would need 8 TB; the sampler allocates one chunk."""
+    import tracemalloc
+
+    sampler = iter(ResumableRankSampler(10**12, seed=1, rank=1, world_size=8, micro_batch_size=4))
+    tracemalloc.start()
+    try:
+        taken = _take(sampler, 3 * ResumableRankSampler.CHUNK)  # numpy's allocations are traced too
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(set(taken)) == len(taken) and max(taken) < 10**12
+    assert peak < 4 * 2**20, peak  # bytes: a few chunk-sized arrays and the Python ints taken
 
 
 def test_datamodule_state_restores_the_position(tiny_prepared):
@@ -185,8 +212,8 @@ def test_datasets_source_through_load_dataset(tmp_path, streaming):
 
 
 def test_random_collation_is_reproducible_after_resume_and_differs_per_batch(tiny_prepared):
-    """Masked-LM batches depend on (seed, rank, stream position) only: a resumed loader masks exactly as the
-    uninterrupted one did, also in a DataLoader worker process."""
+    """Masked-LM batches depend on (seed, global stream position) only: a resumed loader masks exactly as the
+    uninterrupted one did, also in a DataLoader worker process, and a window is masked alike in any batch."""
     from framework.data.collators import MLMCollator
 
     ids = tiny_prepared.special_ids()
@@ -195,7 +222,7 @@ def test_random_collation_is_reproducible_after_resume_and_differs_per_batch(tin
     def loader(start, workers=0):
         dm = PretrainDataModule(tiny_prepared, window_length=64, micro_batch_size=4, collate_fn=collate, seed=5,
                                 num_workers=workers)
-        dm.samples_consumed = start
+        dm.global_samples_consumed = start
         return iter(dm.train_dataloader())
 
     straight = [next(it) for it in [loader(0)] for _ in range(5)]
@@ -205,3 +232,11 @@ def test_random_collation_is_reproducible_after_resume_and_differs_per_batch(tin
     # different batches get different masks (not one fixed pattern)
     masks = [(b["labels"] != -100) for b in straight]
     assert not torch.equal(masks[0], masks[1])
+    # one sample's mask is its own: 2 ranks x 2 windows (or 1 x 4 from position 2) mask each window as 1 x 4 did
+    dm = PretrainDataModule(tiny_prepared, window_length=64, micro_batch_size=2, collate_fn=collate, seed=5)
+    for rank in range(2):
+        dm.trainer = FakeTrainer(rank, 2)
+        half = next(iter(dm.train_dataloader()))
+        rows = slice(2 * rank, 2 * rank + 2)
+        assert torch.equal(half["input_ids"], straight[0]["input_ids"][rows])
+        assert torch.equal(half["labels"], straight[0]["labels"][rows])

@@ -1,7 +1,7 @@
 """DDP and FSDP2 give the losses of a single process with the same global batch (2 CPU ranks, gloo).
 
-The datamodule gives rank r positions r, r+2, ... of each epoch's window order, so two ranks with micro-batch B
-see, at every step, exactly the 2B windows a single process with micro-batch 2B sees. Tolerance: |Δloss| <= 1e-4
+The datamodule gives rank r the r-th block of B positions of every 2B of the global window order, so two ranks
+with micro-batch B see, at every step, exactly the 2B windows a single process with micro-batch 2B sees. Tolerance: |Δloss| <= 1e-4
 nats per step (float32; only the order of floating-point reductions differs). Adam divides out a global
 gradient scale, so these checks catch gradients that are not synchronised or parameters that are not restored
 after sharding, not a sum-vs-mean mix-up.

@@ -17,6 +17,7 @@ from framework.data.config import DataConfig, SourceSpec
 from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import MixtureDataModule, MixtureSampler, mixture_weights, prepare_mixture, source_config
 from framework.data.mixture_schedule import MixtureSchedule, tijdeman_sequence, tolerance_windows
+from fake_trainer import FakeTrainer
 from stop_at import StopAt
 
 
@@ -57,21 +58,23 @@ def test_schedule_bound_holds_for_many_sources_and_zero_weights():
     assert _shares_deviation(direct, weights) <= tolerance_windows(weights) + 1e-9 == 1 - 1 / 10 + 1e-9
 
 
-def _merged(names, weights, sizes, world, per_rank, start=0, seed=5):
-    """Each rank's first ``per_rank`` samples, and all ranks' samples in global order."""
+def _merged(names, weights, sizes, world, per_rank, start=0, seed=5, micro_batch=1):
+    """Each rank's first ``per_rank`` samples, and all ranks' samples in global order (rank blocks side by side)."""
     streams = []
     for rank in range(world):
-        it = iter(MixtureSampler(names, weights, sizes, seed, rank, world, start))
+        it = iter(MixtureSampler(names, weights, sizes, seed, rank, world, start, micro_batch_size=micro_batch))
         streams.append([next(it) for _ in range(per_rank)])
-    merged = [streams[p % world][p // world] for p in range(world * per_rank)]
+    merged = [streams[r][m * micro_batch + i] for m in range(per_rank // micro_batch) for r in range(world)
+              for i in range(micro_batch)]
     return streams, merged
 
 
 def test_resume_mid_stream_and_two_ranks_disjoint():
     names, weights, sizes = ["big", "mid", "small"], [0.7, 0.2, 0.1], [50, 13, 7]
     full, merged = _merged(names, weights, sizes, world=2, per_rank=400)
-    # rank r reads global positions r, r + 2, ...; positions count each rank's own samples
-    assert [p for _, _, p in full[1]] == list(range(400))
+    # rank r reads global positions r, r + 2, ... (micro-batch 1); positions are global
+    assert [p for _, _, p in full[1]] == list(range(1, 800, 2))
+    assert [p for _, _, p in merged] == list(range(800))
     # within a source, consecutive blocks of one epoch are a permutation of its windows: no window is read by
     # both ranks (or twice) within an epoch; the small source repeated ~11 times, each epoch in a new order
     orders = []
@@ -81,13 +84,17 @@ def test_resume_mid_stream_and_two_ranks_disjoint():
         assert all(sorted(e) == list(range(size)) for e in epochs)
         orders.append(epochs)
     assert len(orders[2]) >= 10 and orders[2][0] != orders[2][1]
-    # resume after 123 samples per rank: the per-source counts follow from the position; same continuation
-    consumed = 123
-    assert MixtureSchedule(weights).counts(2 * consumed) == [
-        sum(1 for s, _, _ in merged[: 2 * consumed] if s == i) for i in range(3)]
-    resumed, _ = _merged(names, weights, sizes, world=2, per_rank=400 - consumed, start=consumed)
+    # resume after 246 global samples: the per-source counts follow from the position; same continuation
+    consumed = 246
+    assert MixtureSchedule(weights).counts(consumed) == [
+        sum(1 for s, _, _ in merged[:consumed] if s == i) for i in range(3)]
+    resumed, _ = _merged(names, weights, sizes, world=2, per_rank=400 - consumed // 2, start=consumed)
     for rank in range(2):
-        assert resumed[rank] == full[rank][consumed:]
+        assert resumed[rank] == full[rank][consumed // 2 :]
+    # and on another world size and micro-batch (1 rank x 4, 3 ranks x 2): the same global stream
+    for world, micro_batch in ((1, 4), (3, 2)):
+        _, other = _merged(names, weights, sizes, world, per_rank=96, start=consumed, micro_batch=micro_batch)
+        assert other == merged[consumed : consumed + len(other)]
 
 
 def _code_files(tmp_path: Path, count: int = 60) -> list[str]:
@@ -175,6 +182,34 @@ def test_datamodule_state_round_trip(compose, code_paths):
     # validation: one loader per source, val_windows per source
     loaders = resumed.val_dataloader()
     assert resumed.val_names == ["code", "prose"] and len(loaders) == 2
+
+
+def test_mixture_resumes_on_another_world_size(compose, code_paths):
+    """2 ranks x 2 windows stopped after 3 micro-batches, resumed on 1 rank x 4 (and 1 -> 2): the same windows as
+    one uninterrupted rank x 4, the ranks' batches side by side."""
+    prepared = prepare_mixture(to_run_config(compose(_mixture_overrides(code_paths, (0.7, 0.3)))).data, progress=False)
+
+    def read(world: int, micro_batch: int, micro_batches: int, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        modules = [MixtureDataModule(prepared, 33, micro_batch, seed=11) for _ in range(world)]
+        batches = []
+        for rank, dm in enumerate(modules):
+            dm.trainer = FakeTrainer(rank, world)
+            if state is not None:
+                dm.load_state_dict(json.loads(json.dumps(state)))
+            batches.append([b for b, _ in zip(dm.train_dataloader(), range(micro_batches))])
+        for _ in range(micro_batches):
+            modules[0].on_micro_batch_consumed()
+        return torch.cat([b for step in zip(*batches) for b in step]), modules[0].state_dict()
+
+    reference, _ = read(1, 4, 12)  # (48, 33): global positions 0..47
+    first, state = read(2, 2, 3)
+    assert state["global_samples_consumed"] == 12 and state["world_size"] == 2
+    assert state["source_windows"] == {"code": 8, "prose": 4}  # 12 windows at 0.7 / 0.3 (8.4 / 3.6)
+    resumed, _ = read(1, 4, 9, state)
+    assert torch.equal(torch.cat([first, resumed]), reference)
+    first, state = read(1, 4, 3)
+    resumed, _ = read(2, 2, 9, state)
+    assert torch.equal(torch.cat([first, resumed]), reference)
 
 
 @pytest.mark.parametrize("mixture, message", [

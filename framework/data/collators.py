@@ -1,8 +1,10 @@
 """Batch builders for the masked-LM and span-corruption objectives.
 
 Each collator is a picklable callable that turns a (B, window_length) LongTensor of raw packed tokens
-into the batch its objective's ``compute_loss`` takes. Randomness comes from torch's global RNG (the
-DataModule reseeds it for validation batches) or from an explicit ``torch.Generator``.
+into the batch its objective's ``compute_loss`` takes. Randomness comes from torch's global RNG, from an
+explicit ``torch.Generator``, or from a list of B generators, one per row: then a row's draws come from its own
+generator only, so a window is corrupted the same way whatever batch it lands in (the DataModule seeds each
+sample's generator by its global stream position, so the masks do not depend on the number of ranks).
 
 - Masked LM: Devlin et al. 2019 ("BERT", sec. 3.1 and appendix A.1): select ``mask_probability`` of the
   tokens (never special tokens or padding); of those, 80% become ``<mask>``, 10% a random regular token,
@@ -17,6 +19,26 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (F.cross_entropy's default ignore_index)
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def rand_rows(batch: int, width: int, generator: Generators = None, device=None) -> torch.Tensor:
+    """(batch, width) uniform draws in [0, 1); with a list of ``batch`` generators row i is drawn from generator i."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} rows; give one per row.")
+        rows = [torch.rand(width, generator=g, device=device) for g in generator]
+        return torch.stack(rows) if rows else torch.empty(0, width, device=device)
+    return torch.rand(batch, width, generator=generator, device=device)
+
+
+def randint_rows(high: int, batch: int, width: int, generator: Generators = None, device=None) -> torch.Tensor:
+    """(batch, width) integers uniform in [0, high); per-row generators as in ``rand_rows``."""
+    if isinstance(generator, (list, tuple)):
+        rows = [torch.randint(high, (width,), generator=g, device=device) for g in generator]
+        return torch.stack(rows) if rows else torch.empty(0, width, dtype=torch.long, device=device)
+    return torch.randint(high, (batch, width), generator=generator, device=device)
 
 
 # ============================================================================ masked language modelling
@@ -50,7 +72,7 @@ def word_ids(tokens: torch.Tensor, starts_word: torch.Tensor, ends_word: torch.T
 def mask_tokens(tokens: torch.Tensor, *, mask_id: int, special_ids: torch.Tensor, regular_ids: torch.Tensor,
                 mask_probability: float = 0.15, mask_token_fraction: float = 0.8, random_token_fraction: float = 0.1,
                 word_index: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of ``tokens`` (B, L) -> (inputs (B, L), labels (B, L) with IGNORE_INDEX where unselected).
 
     ``special_ids``: ids never selected (pad, bos, eos, unk, mask, sentinels). ``regular_ids``: ids a
@@ -59,14 +81,14 @@ def mask_tokens(tokens: torch.Tensor, *, mask_id: int, special_ids: torch.Tensor
     expected selected fraction of tokens is still ``mask_probability``. The 80/10/10 choice is per token."""
     B, L = tokens.shape
     eligible = ~torch.isin(tokens, special_ids)
-    draw = torch.rand(B, L, generator=generator, device=tokens.device)  # one draw per token, or per word
+    draw = rand_rows(B, L, generator, tokens.device)  # one draw per token, or per word
     if word_index is not None:
         draw = draw.gather(1, word_index)  # word w of a row uses draw[w]; a row has at most L words
     selected = eligible & (draw < mask_probability)
-    action = torch.rand(B, L, generator=generator, device=tokens.device)
+    action = rand_rows(B, L, generator, tokens.device)
     to_mask = selected & (action < mask_token_fraction)
     to_random = selected & (action >= mask_token_fraction) & (action < mask_token_fraction + random_token_fraction)
-    random_tokens = regular_ids[torch.randint(len(regular_ids), (B, L), generator=generator, device=tokens.device)]
+    random_tokens = regular_ids[randint_rows(len(regular_ids), B, L, generator, tokens.device)]
     inputs = torch.where(to_mask, torch.full_like(tokens, mask_id), tokens)
     inputs = torch.where(to_random, random_tokens, inputs)
     labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
@@ -94,7 +116,7 @@ class MLMCollator:
         self.word_tables = word_tables
         self.document_eos_id = document_eos_id  # set: add "document_ids" for block-diagonal attention
 
-    def __call__(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, windows: torch.Tensor, generator: Generators = None) -> dict[str, torch.Tensor]:
         word_index = word_ids(windows, *self.word_tables) if self.word_tables is not None else None
         inputs, labels = mask_tokens(
             windows, mask_id=self.mask_id, special_ids=self.special_ids, regular_ids=self.regular_ids,
@@ -151,13 +173,13 @@ def noise_mask_counts(length: int, noise_density: float, mean_noise_span_length:
     return num_noise, num_spans
 
 
-def _random_segmentation(batch: int, num_items: int, num_segments: int, generator: torch.Generator | None,
+def _random_segmentation(batch: int, num_items: int, num_segments: int, generator: Generators,
                          device) -> torch.Tensor:
     """Lengths (B, num_segments) of a uniformly random split of ``num_items`` into non-empty segments:
     the segment starts are ``num_segments - 1`` distinct cut points drawn from 1..num_items-1."""
     if num_segments == 1:
         return torch.full((batch, 1), num_items, dtype=torch.long, device=device)
-    order = torch.rand(batch, num_items - 1, generator=generator, device=device).argsort(dim=1)
+    order = rand_rows(batch, num_items - 1, generator, device).argsort(dim=1)
     cuts = (order[:, : num_segments - 1] + 1).sort(dim=1).values  # (B, k-1)
     edges = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), cuts,
                        torch.full((batch, 1), num_items, dtype=torch.long, device=device)], dim=1)
@@ -165,7 +187,7 @@ def _random_segmentation(batch: int, num_items: int, num_segments: int, generato
 
 
 def random_spans_noise_mask(batch: int, length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                            generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+                            generator: Generators = None, device=None) -> torch.Tensor:
     """T5's ``random_spans_noise_mask`` for ``batch`` windows: a bool (B, length) mask, True = noise.
 
     Exactly ``noise_mask_counts`` noise tokens in exactly that many spans; the non-noise and noise span
@@ -243,7 +265,7 @@ class SpanCorruptionCollator:
         self.eos_id, self.decoder_start_id = eos_id, decoder_start_id
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
 
-    def __call__(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, windows: torch.Tensor, generator: Generators = None) -> dict[str, torch.Tensor]:
         B, L = windows.shape
         if L != self.tokens_length:
             raise ValueError(f"span corruption expects windows of {self.tokens_length} tokens, got {L}.")

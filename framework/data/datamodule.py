@@ -2,15 +2,21 @@
 
 The token stream of a split is cut into non-overlapping windows of ``window_length`` tokens (the
 objective decides the length: ``seq_len + 1`` for causal LM, the pre-corruption length for span
-corruption). Training order: epoch ``e`` visits every window once in the order of
-``torch.randperm(n, generator=seed + e)``; rank ``r`` of ``w`` takes positions ``r, r + w, ...`` of that
-order, so ranks never read the same window within an epoch. The position in this stream (micro-batches
-consumed per rank) is saved in every checkpoint and restored on resume, so a resumed run continues with
-the next unseen batch. Epochs roll over without end; ``trainer.max_steps`` stops training.
+corruption). Training order: one endless GLOBAL stream of samples shared by all ranks. Global position ``p``
+reads window ``FeistelPermutation(n, seed, epoch=p // n)(p % n)`` (framework/data/permutation.py: computed per
+index, O(1) memory), so epoch ``e`` visits every window once and epochs follow each other without a gap or a
+dropped remainder. Micro-batch ``m`` of the whole job (all ``W`` ranks, ``B`` windows each) is global positions
+``[m W B, (m + 1) W B)`` and rank ``r`` takes the block ``[m W B + r B, m W B + (r + 1) B)``: the ranks' batches
+side by side are the batch one process with ``W B`` windows would read, whatever ``W`` is. With gradient
+accumulation ``A`` an optimizer step is ``W B A`` consecutive positions.
 
-Objectives whose batches are random (masked LM, span corruption) get a ``torch.Generator`` per batch,
-seeded by (seed, rank, position in the stream): the same batch is corrupted the same way whether the
-run was interrupted or not, in whichever DataLoader worker it is collated, and differently each epoch.
+The position saved in every checkpoint is the number of GLOBAL samples consumed, so a run stopped on ``W`` ranks
+resumes on any ``W'`` at the next unread position: across the stop no window of the epoch is read twice or
+skipped. Epochs roll over without end; ``trainer.max_steps`` stops training.
+
+Objectives whose batches are random (masked LM, span corruption) get one ``torch.Generator`` per sample, seeded
+by (seed, stream, global position): a window is corrupted the same way whether the run was interrupted or not,
+on any number of ranks, in whichever DataLoader worker it is collated, and differently each epoch.
 
 Loading for speed (``PretrainDataModule._loader``, which other DataModules reuse): pinned host memory when
 training on CUDA (so Lightning's host-to-device copy can overlap compute), persistent workers and a
@@ -32,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from framework.data.permutation import stream_windows
+from framework.data.position import DATA_ORDER, loading_checkpoint_world_size, saved_global_position
 from framework.data.prepare import PreparedData, open_tokens, shard_token_count
 
 
@@ -62,30 +70,40 @@ class PackedWindows(Dataset):
         return torch.from_numpy(window.astype(np.int64))
 
 
-class ResumableRankSampler(Sampler[int]):
-    """Infinite, seeded, rank-sharded order over ``num_windows`` windows, starting at ``start`` (per rank).
+def rank_positions(start: int, rank: int, world_size: int, micro_batch_size: int, first: int,
+                   count: int) -> np.ndarray:
+    """Global positions (int64, (count,)) of samples ``first .. first + count - 1`` of rank ``rank``'s stream from
+    global position ``start``: its k-th sample sits in global micro-batch ``k // B``, block ``rank``."""
+    k = np.arange(first, first + count, dtype=np.int64)
+    block = world_size * micro_batch_size  # global samples per micro-batch of all ranks
+    return start + (k // micro_batch_size) * block + rank * micro_batch_size + k % micro_batch_size
 
-    With ``with_position`` it yields ``(window_index, position)``, position counting this rank's samples."""
+
+class ResumableRankSampler(Sampler[int]):
+    """Rank ``rank`` of ``world_size``'s share of the endless global stream over ``num_windows`` windows, from
+    GLOBAL position ``start`` (samples all ranks consumed before). ``micro_batch_size`` sets the block each rank
+    takes per micro-batch (see the module docstring). With ``with_position`` it yields ``(window, global
+    position)`` for seeded collation. Memory: one chunk of ``CHUNK`` indices, whatever ``num_windows`` is."""
+
+    CHUNK = 4096  # samples computed per vectorised call
 
     def __init__(self, num_windows: int, seed: int, rank: int, world_size: int, start: int = 0,
-                 with_position: bool = False) -> None:
-        if num_windows < world_size:
-            raise ValueError(f"{num_windows} training windows cannot be shared among {world_size} ranks; "
-                             "use more data or a shorter data.seq_len.")
-        self.num_windows, self.seed, self.rank, self.world_size, self.start = num_windows, seed, rank, world_size, start
-        self.per_rank = num_windows // world_size  # each rank's share of one epoch (remainder dropped)
-        self.with_position = with_position
+                 with_position: bool = False, micro_batch_size: int = 1) -> None:
+        if num_windows < 1:
+            raise ValueError("there are no training windows; use more data or a shorter data.seq_len.")
+        self.num_windows, self.seed, self.rank, self.world_size = num_windows, seed, rank, world_size
+        self.start, self.with_position, self.micro_batch_size = start, with_position, micro_batch_size
 
-    def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.per_rank)
-        position = self.start
+    def __iter__(self) -> Iterator:
+        first = 0
         while True:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_windows, generator=g)[self.rank :: self.world_size][: self.per_rank]
-            for index in order[offset:].tolist():
-                yield (index, position) if self.with_position else index
-                position += 1
-            epoch, offset = epoch + 1, 0
+            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK)
+            windows = stream_windows(positions, self.num_windows, self.seed)
+            if self.with_position:
+                yield from zip(windows.tolist(), positions.tolist())
+            else:
+                yield from windows.tolist()
+            first += self.CHUNK
 
     def __len__(self) -> int:  # Lightning treats the loader as unsized when this raises
         raise TypeError("the training stream is infinite")
@@ -170,7 +188,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.val_windows = val_windows
-        self.samples_consumed = 0  # windows consumed by this rank; restored from checkpoints
+        self.global_samples_consumed = 0  # windows consumed by all ranks together; restored from checkpoints
         self._train = PackedWindows(prepared.shards("train"), prepared.dtype, window_length)
         self._val = PackedWindows(prepared.shards("val"), prepared.dtype, window_length)
         if len(self._train) == 0 or len(self._val) == 0:
@@ -213,41 +231,47 @@ class PretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = ResumableRankSampler(len(self._train), self.seed, rank, world, start=self.samples_consumed,
-                                       with_position=True)
-        self._rank = rank
+        sampler = ResumableRankSampler(len(self._train), self.seed, rank, world, start=self.global_samples_consumed,
+                                       with_position=True, micro_batch_size=self.micro_batch_size)
         return self._loader(self._train, self._collate, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        n = min(self.val_windows, len(self._val))
-        n -= n % world  # every rank evaluates the same number of windows, so the mean is unbiased
-        indices = [(i, i) for i in range(rank, max(n, world), world)]  # (window, position = window index)
-        subset = torch.utils.data.Subset(self._val, indices)
-        return self._loader(subset, self._val_collate, persistent=False)
+        return self._val_loader(self._val)
 
-    def _batch_generator(self, stream: int, position: int) -> torch.Generator:
-        # distinct streams for training (0) and validation (1); a fixed validation corruption keeps val/loss
-        # comparable across evaluations
-        rank = getattr(self, "_rank", 0) if stream == 0 else 0
-        return torch.Generator().manual_seed(hash((self.seed, stream, rank, position)) & 0x7FFF_FFFF_FFFF_FFFF)
+    def _val_loader(self, val: Dataset) -> DataLoader:
+        """Rank r evaluates windows r, r + W, ... of the first ``val_windows`` (each collated with the generator of
+        its window index, so a window is corrupted alike on any W); every rank gets as many windows (n - n mod W),
+        so no rank waits in the final all-reduce for another's extra batch."""
+        rank, world = self._rank_world()
+        if len(val) < world:
+            raise ValueError(f"the validation split has {len(val)} windows, fewer than the {world} ranks; use more "
+                             "data, a larger data.val_fraction or a shorter data.seq_len.")
+        n = min(self.val_windows, len(val))
+        indices = [(i, i) for i in range(rank, n - n % world, world)]  # (window, position = window index)
+        return self._loader(torch.utils.data.Subset(val, indices), self._val_collate, persistent=False)
+
+    def _sample_generators(self, stream: int, positions: list[int]) -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, stream, global position): training (0) or validation (1),
+        whose fixed corruption keeps val/loss comparable across evaluations."""
+        return [torch.Generator().manual_seed(hash((self.seed, stream, p)) & 0x7FFF_FFFF_FFFF_FFFF) for p in positions]
 
     def _collate(self, items: list[tuple[torch.Tensor, int]], stream: int = 0):
         batch = torch.stack([window for window, _ in items])  # (B, window_length)
         if self.collate_fn is None:
             return batch
-        return self.collate_fn(batch, generator=self._batch_generator(stream, items[0][1]))
+        return self.collate_fn(batch, generator=self._sample_generators(stream, [p for _, p in items]))
 
     def _val_collate(self, items: list[tuple[torch.Tensor, int]]):
         return self._collate(items, stream=1)
 
     # ------------------------------------------------------------------ resume
     def on_micro_batch_consumed(self) -> None:
-        self.samples_consumed += self.micro_batch_size
+        self.global_samples_consumed += self.micro_batch_size * self._rank_world()[1]
 
     def state_dict(self) -> dict:
-        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "window_length": self.window_length,
-                "tokenizer_hash": self.prepared.meta["tokenizer_hash"]}
+        return {"global_samples_consumed": self.global_samples_consumed, "world_size": self._rank_world()[1],
+                "micro_batch_size": self.micro_batch_size, "order": DATA_ORDER, "seed": self.seed,
+                "window_length": self.window_length, "tokenizer_hash": self.prepared.meta["tokenizer_hash"]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mixture") is not None and not self.is_mixture:
@@ -257,4 +281,4 @@ class PretrainDataModule(L.LightningDataModule):
         if state.get("tokenizer_hash") not in (None, self.prepared.meta["tokenizer_hash"]):
             raise ValueError("this checkpoint was trained with a different tokenizer/corpus than the configured data; "
                              "resume with the same data settings or start a new run (resume=never).")
-        self.samples_consumed = int(state["samples_consumed"])
+        self.global_samples_consumed = saved_global_position(state, loading_checkpoint_world_size(self))

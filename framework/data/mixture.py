@@ -8,9 +8,9 @@ given, else trained on the union of the sources' training documents and kept in
 ``prepare_data`` with that tokenizer, so token ids mean the same in every source.
 
 Sampling (``MixtureSchedule``): every window has the same length, so a share of windows is a share of
-tokens. Global sample position ``n`` (all ranks' samples, rank ``r`` of ``w`` taking positions
-``r, r + w, ...``) is given to a source by Tijdeman's rule for the chairman assignment problem
-(R. Tijdeman, "The chairman assignment problem", Discrete Mathematics 32, 1980): among the sources whose
+tokens. Global sample position ``n`` (all ranks' samples; rank ``r`` of ``W`` with micro-batch ``B`` takes block
+``r`` of every ``W B`` positions, as in framework/data/datamodule.py) is given to a source by Tijdeman's rule
+for the chairman assignment problem (R. Tijdeman, "The chairman assignment problem", Discrete Mathematics 32, 1980): among the sources whose
 deficit ``w_i n - c_i`` is at least ``delta = 1 / (2k - 2)`` (``k`` sources of positive weight, ``c_i`` the
 windows already given to source ``i``), the one whose deficit would first reach ``1 - delta``. It
 guarantees, at EVERY prefix of ``n`` windows,
@@ -20,11 +20,12 @@ guarantees, at EVERY prefix of ``n`` windows,
 with the normalised weights taken as integers over 10^6 (exact for weights of up to six decimals, else each
 within 1e-6), so the rule runs in exact integer arithmetic, the same on every rank. With integer weights the
 sequence is periodic (``MixtureSchedule``), so the source of any position and every source's count at it
-are O(1) look-ups. Within a source, windows are drawn in a seeded permutation per epoch of that source;
-each source rolls over its epochs independently (a small source repeats: ``source_epochs``).
+are O(1) look-ups. Within a source, its j-th draw is window ``FeistelPermutation(n_s, seed, j // n_s,
+stream=crc32(name))(j mod n_s)`` (framework/data/permutation.py: O(1) memory); each source rolls over its epochs
+independently (a small source repeats: ``source_epochs``).
 
 Resume: the state is the global stream position (all ranks' windows); the per-source counts follow from
-it, so a resumed run reads the same windows in the same order as an uninterrupted one.
+it, so a resumed run reads the same windows in the same order as an uninterrupted one, on any number of ranks.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig, SourceSpec
-from framework.data.datamodule import PackedWindows, PretrainDataModule
+from framework.data.datamodule import PackedWindows, PretrainDataModule, rank_positions
 from framework.data.prepare import FORMAT_VERSION, PreparedData, PreparedView, _file_lock, _train_texts, prepare_data
 from framework.data.curation import curate
 from framework.data.mixture_schedule import MixtureSchedule
+from framework.data.permutation import stream_windows
 from framework.data.sources import iter_documents, source_fingerprint
 
 # ----------------------------------------------------------------------------- configuration
@@ -164,33 +166,35 @@ def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
     return PreparedMixture(names, [weights[n] for n in names], parts, tokenizer_path, meta)
 
 
-def source_window_order(seed: int, name: str, epoch: int, num_windows: int) -> torch.Tensor:
-    """Source ``name``'s window order in its ``epoch``: a permutation seeded by (seed, name, epoch)."""
-    g = torch.Generator().manual_seed(hash((seed, zlib.crc32(name.encode()), epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return torch.randperm(num_windows, generator=g)
+def source_stream(name: str) -> int:
+    """The permutation stream of source ``name``: sources sharing a seed get unrelated orders."""
+    return zlib.crc32(name.encode())
 
 
 class MixtureSampler(Sampler):
-    """Infinite stream of ``(source, window, position)`` for rank ``rank`` of ``world_size``, which takes global
-    positions rank, rank + world_size, ...; ``position`` counts this rank's samples and starts at ``start``."""
+    """Rank ``rank`` of ``world_size``'s share of the mixture's global stream from GLOBAL position ``start``, in
+    blocks of ``micro_batch_size`` (``rank_positions``); yields ``(source, window, global position)``."""
+
+    CHUNK = 4096  # samples computed per vectorised call
 
     def __init__(self, names: list[str], weights: list[float], num_windows: list[int], seed: int, rank: int,
-                 world_size: int, start: int = 0) -> None:
+                 world_size: int, start: int = 0, micro_batch_size: int = 1) -> None:
         self.names, self.num_windows, self.seed = names, num_windows, seed
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.rank, self.world_size, self.start, self.micro_batch_size = rank, world_size, start, micro_batch_size
         self.schedule = MixtureSchedule(weights)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its window order)
-        position = self.start
+        first = 0
         while True:
-            source, draw = self.schedule.source(position * self.world_size + self.rank)
-            epoch, offset = divmod(draw, self.num_windows[source])
-            if orders.get(source, (None,))[0] != epoch:
-                orders[source] = (epoch, source_window_order(self.seed, self.names[source], epoch,
-                                                             self.num_windows[source]).numpy())
-            yield source, int(orders[source][1][offset]), position
-            position += 1
+            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK)
+            sources, draws = self.schedule.sources(positions)
+            windows = np.empty_like(draws)
+            for s in np.unique(sources):
+                where = sources == s
+                windows[where] = stream_windows(draws[where], self.num_windows[s], self.seed,
+                                                source_stream(self.names[s]))
+            yield from zip(sources.tolist(), windows.tolist(), positions.tolist())
+            first += self.CHUNK
 
     def __len__(self) -> int:
         raise TypeError("the training stream is infinite")
@@ -225,7 +229,7 @@ class MixtureDataModule(PretrainDataModule):
         self.window_length, self.micro_batch_size, self.collate_fn = window_length, micro_batch_size, collate_fn
         self.seed, self.num_workers, self.val_windows = seed, num_workers, val_windows
         self.names, self.weights = list(prepared.names), list(prepared.weights)
-        self.samples_consumed = 0  # windows consumed by this rank; restored from checkpoints
+        self.global_samples_consumed = 0  # windows consumed by all ranks together; restored from checkpoints
         self.schedule = MixtureSchedule(self.weights)
         self._train_parts, self._val_parts = [], []
         for name in self.names:
@@ -247,14 +251,9 @@ class MixtureDataModule(PretrainDataModule):
         return self.weights
 
     @property
-    def global_position(self) -> int:
-        """Training windows consumed by all ranks together: the position in the mixture's stream."""
-        return self.samples_consumed * self._rank_world()[1]
-
-    @property
     def source_windows(self) -> dict[str, int]:
         """Training windows consumed from each source by all ranks (host ints, no device sync)."""
-        return dict(zip(self.names, self.schedule.counts(self.global_position)))
+        return dict(zip(self.names, self.schedule.counts(self.global_samples_consumed)))
 
     @property
     def source_epochs(self) -> dict[str, float]:
@@ -263,28 +262,19 @@ class MixtureDataModule(PretrainDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        self._rank = rank
         sampler = MixtureSampler(self.names, self.weights, [len(p) for p in self._train_parts], self.seed, rank, world,
-                                 start=self.samples_consumed)
+                                 start=self.global_samples_consumed, micro_batch_size=self.micro_batch_size)
         return self._loader(MixtureWindows(self._train_parts), self._collate, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        rank, world = self._rank_world()
-        loaders = []
-        for val in self._val_parts:
-            n = min(self.val_windows, len(val))
-            n -= n % world  # every rank evaluates the same number of windows of each source
-            indices = [(i, i) for i in range(rank, max(n, world), world)]  # (window, position = window index)
-            loaders.append(self._loader(torch.utils.data.Subset(val, indices), self._val_collate, persistent=False))
-        return loaders
+        return [self._val_loader(val) for val in self._val_parts]  # val_windows per source
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         return {**super().state_dict(), "mixture": dict(zip(self.names, self.weights)),
-                "global_position": self.global_position, "source_windows": self.source_windows}
+                "source_windows": self.source_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
         saved = state.get("mixture")
         if saved is None:
             raise ValueError("this checkpoint was trained on a single source, not a mixture; resume with its data "
@@ -293,11 +283,7 @@ class MixtureDataModule(PretrainDataModule):
         if set(saved) != set(current) or any(abs(saved[n] - current[n]) > 1e-12 for n in current):
             raise ValueError(f"this checkpoint was trained with data.mixture={saved}, not {current}; resume with the "
                              "same mixture or start a new run (resume=never).")
-        world = self._rank_world()[1]
-        if int(state["global_position"]) % world:
-            raise ValueError(f"this checkpoint stopped at mixture position {state['global_position']}, which "
-                             f"{world} ranks cannot share; resume with a world size that divides it.")
-        self.samples_consumed = int(state["global_position"]) // world  # the same stream, even on another world size
+        super().load_state_dict(state)  # the global position: the same stream on any world size
 
 
 class MixtureTokensLogger(L.Callback):

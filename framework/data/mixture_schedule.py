@@ -80,13 +80,21 @@ class MixtureSchedule:
     def __init__(self, weights: list[float]) -> None:
         self.quanta = quantise_weights(weights)  # (k,) integers, q_i / T = w_i
         self.period = sum(self.quanta)  # T
-        self.sources, self.before = _period(tuple(self.quanta))
+        self.sources_in_period, self.before = _period(tuple(self.quanta))  # (T,) source per offset, (T + 1, k)
+        self.quanta_array = np.asarray(self.quanta, dtype=np.int64)
 
     def source(self, position: int) -> tuple[int, int]:
         """(source, its draw index j: the j-th window this source gives) at global ``position`` (0-based)."""
         cycle, offset = divmod(position, self.period)
-        source = int(self.sources[offset])
+        source = int(self.sources_in_period[offset])
         return source, cycle * self.quanta[source] + int(self.before[offset, source])
+
+    def sources(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``source`` for an int64 array of positions at once: (sources, draw indices), each int64 of its shape."""
+        cycle, offset = np.divmod(np.asarray(positions, dtype=np.int64), self.period)
+        source = self.sources_in_period[offset]
+        draw = cycle * self.quanta_array[source] + self.before[offset, source]
+        return source, draw
 
     def counts(self, position: int) -> list[int]:
         """Windows given to each source by the first ``position`` positions."""

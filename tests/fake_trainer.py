@@ -1,0 +1,16 @@
+"""What a DataModule reads of a Lightning trainer, for tests that play rank r of W in one process."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+
+class FakeTrainer:
+    """Rank ``rank`` of ``world`` on the CPU; ``loaded``: the checkpoint Lightning would be restoring."""
+
+    def __init__(self, rank: int, world: int, loaded: dict | None = None) -> None:
+        self.global_rank, self.world_size, self.num_devices = rank, world, world
+        self.strategy = SimpleNamespace(root_device=torch.device("cpu"))
+        self._checkpoint_connector = SimpleNamespace(_loaded_checkpoint=loaded or {})
