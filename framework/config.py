@@ -53,6 +53,18 @@ class TrainerConfig:
 
 
 @dataclass
+class SpikeGuardConfig:
+    """framework/callbacks/spike_guard.py: skip the optimizer step of a spiking or non-finite batch; after
+    ``max_consecutive`` in a row, roll back to the last checkpoint before them and skip their data."""
+
+    enabled: bool = False
+    window: int = 100  # accepted losses in the running mean and standard deviation
+    sigma: float = 6.0  # a loss more than sigma standard deviations above the running mean is a spike
+    min_history: int = 20  # losses needed before the z-score test starts (non-finite values are caught from step 0)
+    max_consecutive: int = 3  # spikes in a row that trigger a rollback
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint_every_n_steps: int = 100
     keep_checkpoints: int = 2  # newest step checkpoints kept beside last.ckpt (-1 keeps all)
@@ -65,6 +77,7 @@ class CallbacksConfig:
     icl_shots: list[int] = field(default_factory=lambda: [0, 1, 3])
     icl_limit: int = 0  # queries evaluated (the task's first N; 0 = all)
     model_card: bool = True  # README.md + model_card.json in the run directory at the end of training
+    spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
 
 @dataclass
