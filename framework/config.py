@@ -53,6 +53,18 @@ class TrainerConfig:
 
 
 @dataclass
+class SpikeGuardConfig:
+    """framework/callbacks/spike_guard.py: skip the optimizer step of a spiking or non-finite batch; after
+    ``max_consecutive`` in a row, roll back to the last checkpoint before them and skip their data."""
+
+    enabled: bool = False
+    window: int = 100  # accepted losses in the running mean and standard deviation
+    sigma: float = 6.0  # a loss more than sigma standard deviations above the running mean is a spike
+    min_history: int = 20  # losses needed before the z-score test starts (non-finite values are caught from step 0)
+    max_consecutive: int = 3  # spikes in a row that trigger a rollback
+
+
+@dataclass
 class CallbacksConfig:
     checkpoint_every_n_steps: int = 100
     keep_checkpoints: int = 2  # newest step checkpoints kept beside last.ckpt (-1 keeps all)
@@ -67,6 +79,7 @@ class CallbacksConfig:
     eval_limit: int = 0  # examples evaluated per task (the first N; 0 = all)
     icl_task: str = ""  # retired (fw-icl): refused with a pointer to eval_tasks
     model_card: bool = True  # README.md + model_card.json in the run directory at the end of training
+    spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from framework.adapt import load_init_weights
 from framework.branch import resolve_branch
 from framework.callbacks.model_card import run_card_info, write_model_card
 from framework.callbacks.preemption import PreemptionCallback
+from framework.callbacks.spike_guard import SpikeGuard, check_spike_guard
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
 from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
 from framework.data.datamodule import PretrainDataModule
@@ -85,6 +86,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
                                 seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
 
     ckpt_dir = run_dir / "checkpoints"
+    guard = cfg.callbacks.spike_guard
     checkpointing = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps, save_last=True,
@@ -104,7 +106,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
                    PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
                                       check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)]
         + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
-           if cfg.callbacks.throughput else []),
+           if cfg.callbacks.throughput else [])
+        + ([SpikeGuard(run_dir, guard.window, guard.sigma, guard.min_history, guard.max_consecutive)]
+           if guard.enabled else []),
         plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),
         default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),
@@ -123,6 +127,8 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:  # everything a user's settings can get wrong fails here, before any training step
         check_optim(cfg.optim, cfg.trainer.max_steps)
+        if cfg.callbacks.spike_guard.enabled:
+            check_spike_guard(cfg.callbacks.spike_guard, cfg.strategy.name, str(cfg.precision.mode))
         ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
         branching = ckpt_path is None and bool(cfg.branch_from)  # a cooldown branch's first start
         if branching:

@@ -95,6 +95,7 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
+        self.last_loss = loss.detach()  # read by the spike guard before the optimizer step
         self.tokens_seen += self.batch_tokens(batch) * self.trainer.world_size
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "on_micro_batch_consumed"):
