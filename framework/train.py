@@ -9,6 +9,7 @@ Every rank runs this function; data preparation is guarded by a file lock, so ra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from framework.adapt import load_init_weights
 from framework.branch import resolve_branch
 from framework.callbacks.model_card import run_card_info, write_model_card
 from framework.callbacks.preemption import PreemptionCallback
+from framework.callbacks.rollback import apply_rollback, load_skips, rollback_target
 from framework.callbacks.spike_guard import SpikeGuard, check_spike_guard
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
 from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
@@ -84,6 +86,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     datamodule_cls = MixtureDataModule if mixture else PretrainDataModule
     datamodule = datamodule_cls(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(cfg.data.document_mask),
                                 seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
+    datamodule.skips = load_skips(run_dir)  # windows a spike-guard rollback skipped (merged with the checkpoint's)
 
     ckpt_dir = run_dir / "checkpoints"
     guard = cfg.callbacks.spike_guard
@@ -148,6 +151,20 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     if trainer.is_global_zero:  # the run directory is self-contained for fw-generate and the ICL command
         shutil.copyfile(prepared.tokenizer_path, run_dir / "tokenizer.json")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    guard = next((c for c in trainer.callbacks if isinstance(c, SpikeGuard)), None)
+    if guard is not None and guard.rollback_requested:  # several spikes in a row: restart before them, skip their data
+        try:
+            target = rollback_target(run_dir, guard.rollback_requested)  # chosen by every rank before any file moves
+        except ValueError as err:
+            raise ConfigurationError(str(err)) from err
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            apply_rollback(run_dir, guard.rollback_requested, target, cfg.data.micro_batch_size * trainer.world_size
+                           * cfg.trainer.accumulate_grad_batches)
+            print(f"spike guard: rolling back to {target.name} and skipping the data of steps "
+                  f"{guard.rollback_requested['first_spike_step']}..{guard.rollback_requested['last_step']}")
+        trainer.strategy.barrier()
+        return run(dataclasses.replace(cfg, resume=str(target)), run_dir)
     train_loss = trainer.callback_metrics.get("train/loss")
     preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
     if preemption.preempted:  # checkpoint saved at a step boundary: requeue (SLURM) and skip the final evaluation

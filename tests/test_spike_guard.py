@@ -95,3 +95,59 @@ def test_bad_guard_settings_are_refused_before_data(tmp_path, override, words):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr[-2000:]
     assert not cache.exists()
+
+
+def test_skip_positions_jump_over_the_skipped_ranges():
+    import numpy as np
+
+    from framework.data.datamodule import rank_positions, skip_positions
+
+    assert skip_positions(np.arange(10), ((3, 4),)).tolist() == [0, 1, 2, 7, 8, 9, 10, 11, 12, 13]
+    assert skip_positions(np.arange(6), ((1, 2), (5, 1))).tolist() == [0, 3, 4, 6, 7, 8]  # stream coordinates
+    # two ranks of micro-batch 2 from global position 0, with stream positions 4..7 skipped: neither rank reads them
+    both = [rank_positions(0, r, 2, 2, 0, 6, ((4, 4),)).tolist() for r in (0, 1)]
+    assert sorted(both[0] + both[1]) == [0, 1, 2, 3] + list(range(8, 16))
+
+
+class _PlantSpikes(L.Callback):
+    """Fills the batches of ``steps`` with a never-seen token, once each (the data of a rolled-back step is
+    skipped afterwards, so a second visit of the same step number reads other data)."""
+
+    def __init__(self, steps: set[int], planted: set[int]) -> None:
+        self.steps, self.planted = steps, planted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps and trainer.global_step not in self.planted:
+            self.planted.add(trainer.global_step)
+            batch.fill_(4)
+
+
+@pytest.mark.slow
+def test_spikes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_data(compose, tmp_path, monkeypatch):
+    import framework.train as train
+
+    planted: set[int] = set()
+    original = train.build_run
+
+    def build_run_planting(*args, **kwargs):
+        trainer, module, dm, prepared = original(*args, **kwargs)
+        trainer.callbacks.append(_PlantSpikes({30, 31, 32}, planted))
+        return trainer, module, dm, prepared
+
+    monkeypatch.setattr(train, "build_run", build_run_planting)
+    cfg = to_run_config(compose([*GUARD, "callbacks.checkpoint_every_n_steps=10", "callbacks.keep_checkpoints=-1",
+                                 "trainer.max_steps=36", "trainer.log_every_n_steps=1"]))
+    metrics = train.run(cfg, tmp_path)
+    assert metrics["step"] == 36
+    records = [json.loads(line) for line in (tmp_path / "spike_guard.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["action"]) for r in records] == [(30, "skip"), (31, "skip"), (32, "rollback")]
+    skips = json.loads((tmp_path / "data_skips.json").read_text())
+    batch = 8  # TINY: micro-batch 8, one rank, no accumulation
+    assert skips["skips"] == [[30 * batch, 3 * batch]]  # the windows of steps 30, 31 and 32
+    assert skips["rollbacks"][0]["checkpoint"] == "step0000030.ckpt"
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "rolled_back" / "1").glob("*.ckpt"))[0] == "last.ckpt"
+    from framework.distributed.checkpoints import safe_load
+
+    state = safe_load(tmp_path / "checkpoints" / "last.ckpt")
+    dm_state = next(v for k, v in state.items() if "DataModule" in k)
+    assert dm_state["skips"] == [[240, 24]] and dm_state["global_samples_consumed"] == 36 * batch

@@ -71,12 +71,22 @@ class PackedWindows(Dataset):
 
 
 def rank_positions(start: int, rank: int, world_size: int, micro_batch_size: int, first: int,
-                   count: int) -> np.ndarray:
+                   count: int, skips: tuple[tuple[int, int], ...] = ()) -> np.ndarray:
     """Global positions (int64, (count,)) of samples ``first .. first + count - 1`` of rank ``rank``'s stream from
-    global position ``start``: its k-th sample sits in global micro-batch ``k // B``, block ``rank``."""
+    global position ``start``: its k-th sample sits in global micro-batch ``k // B``, block ``rank``. ``skips``:
+    (stream position, width) ranges the stream jumps over (the spike guard's rollbacks)."""
     k = np.arange(first, first + count, dtype=np.int64)
     block = world_size * micro_batch_size  # global samples per micro-batch of all ranks
-    return start + (k // micro_batch_size) * block + rank * micro_batch_size + k % micro_batch_size
+    return skip_positions(start + (k // micro_batch_size) * block + rank * micro_batch_size + k % micro_batch_size,
+                          skips)
+
+
+def skip_positions(positions: np.ndarray, skips: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Samples consumed -> stream positions when the stream jumps over each ``[start, start + width)`` of ``skips``
+    (stream coordinates, non-overlapping): every position at or past a skip's start moves on by its width."""
+    for start, width in sorted(skips):
+        positions = np.where(positions >= start, positions + width, positions)
+    return positions
 
 
 class ResumableRankSampler(Sampler[int]):
@@ -88,16 +98,18 @@ class ResumableRankSampler(Sampler[int]):
     CHUNK = 4096  # samples computed per vectorised call
 
     def __init__(self, num_windows: int, seed: int, rank: int, world_size: int, start: int = 0,
-                 with_position: bool = False, micro_batch_size: int = 1) -> None:
+                 with_position: bool = False, micro_batch_size: int = 1, skips: tuple = ()) -> None:
         if num_windows < 1:
             raise ValueError("there are no training windows; use more data or a shorter data.seq_len.")
         self.num_windows, self.seed, self.rank, self.world_size = num_windows, seed, rank, world_size
         self.start, self.with_position, self.micro_batch_size = start, with_position, micro_batch_size
+        self.skips = tuple(skips)
 
     def __iter__(self) -> Iterator:
         first = 0
         while True:
-            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK)
+            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK,
+                                       self.skips)
             windows = stream_windows(positions, self.num_windows, self.seed)
             if self.with_position:
                 yield from zip(windows.tolist(), positions.tolist())
@@ -189,6 +201,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_windows = val_windows
         self.global_samples_consumed = 0  # windows consumed by all ranks together; restored from checkpoints
+        # (stream position, width) ranges the stream jumps over: data windows a spike-guard rollback skipped
+        self.skips: tuple[tuple[int, int], ...] = ()
         self._train = PackedWindows(prepared.shards("train"), prepared.dtype, window_length)
         self._val = PackedWindows(prepared.shards("val"), prepared.dtype, window_length)
         if len(self._train) == 0 or len(self._val) == 0:
@@ -232,7 +246,7 @@ class PretrainDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = ResumableRankSampler(len(self._train), self.seed, rank, world, start=self.global_samples_consumed,
-                                       with_position=True, micro_batch_size=self.micro_batch_size)
+                                       with_position=True, micro_batch_size=self.micro_batch_size, skips=self.skips)
         return self._loader(self._train, self._collate, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -271,7 +285,8 @@ class PretrainDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         return {"global_samples_consumed": self.global_samples_consumed, "world_size": self._rank_world()[1],
                 "micro_batch_size": self.micro_batch_size, "order": DATA_ORDER, "seed": self.seed,
-                "window_length": self.window_length, "tokenizer_hash": self.prepared.meta["tokenizer_hash"]}
+                "window_length": self.window_length, "tokenizer_hash": self.prepared.meta["tokenizer_hash"],
+                "skips": [list(s) for s in self.skips]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mixture") is not None and not self.is_mixture:
@@ -282,3 +297,4 @@ class PretrainDataModule(L.LightningDataModule):
             raise ValueError("this checkpoint was trained with a different tokenizer/corpus than the configured data; "
                              "resume with the same data settings or start a new run (resume=never).")
         self.global_samples_consumed = saved_global_position(state, loading_checkpoint_world_size(self))
+        self.skips = tuple(sorted({tuple(s) for s in state.get("skips", [])} | set(self.skips)))

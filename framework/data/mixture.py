@@ -178,15 +178,16 @@ class MixtureSampler(Sampler):
     CHUNK = 4096  # samples computed per vectorised call
 
     def __init__(self, names: list[str], weights: list[float], num_windows: list[int], seed: int, rank: int,
-                 world_size: int, start: int = 0, micro_batch_size: int = 1) -> None:
-        self.names, self.num_windows, self.seed = names, num_windows, seed
+                 world_size: int, start: int = 0, micro_batch_size: int = 1, skips: tuple = ()) -> None:
+        self.names, self.num_windows, self.seed, self.skips = names, num_windows, seed, tuple(skips)
         self.rank, self.world_size, self.start, self.micro_batch_size = rank, world_size, start, micro_batch_size
         self.schedule = MixtureSchedule(weights)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         first = 0
         while True:
-            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK)
+            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK,
+                                       self.skips)
             sources, draws = self.schedule.sources(positions)
             windows = np.empty_like(draws)
             for s in np.unique(sources):
@@ -263,7 +264,8 @@ class MixtureDataModule(PretrainDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = MixtureSampler(self.names, self.weights, [len(p) for p in self._train_parts], self.seed, rank, world,
-                                 start=self.global_samples_consumed, micro_batch_size=self.micro_batch_size)
+                                 start=self.global_samples_consumed, micro_batch_size=self.micro_batch_size,
+                                 skips=self.skips)
         return self._loader(MixtureWindows(self._train_parts), self._collate, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> list[DataLoader]:
