@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -33,6 +34,7 @@ from framework.data.prepare import prepare_data
 from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_plugins, checkpoint_wandb_id, resolve_resume
 from framework.distributed.parallelize import Parallelizer
 from framework.distributed.precision import check_strategy_precision, detect_device
+from framework.distributed.run_lock import RunDirectoryBusy, run_directory_lock
 from framework.distributed.strategies import build_strategy
 from framework.evaluation.icl import evaluate_after_training, load_task
 from framework.objectives import objective_class
@@ -113,9 +115,24 @@ class ConfigurationError(ValueError):
     """A setting the user can fix; ``main`` prints it as one line instead of a traceback."""
 
 
+@contextmanager
+def _run_lock(run_dir: Path):
+    """One job per run directory (framework.distributed.run_lock): global rank 0 holds it, its ranks share it."""
+    try:
+        with run_directory_lock(run_dir, take=_is_global_zero()):
+            yield
+    except RunDirectoryBusy as err:
+        raise ConfigurationError(str(err)) from None
+
+
 def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``)."""
     run_dir = Path(run_dir).resolve()
+    with _run_lock(run_dir):  # before anything is written into run_dir
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: TrainConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:  # everything a user's settings can get wrong fails here, before any training step
@@ -208,10 +225,10 @@ def main(cfg: DictConfig) -> float:
 def _main(cfg: DictConfig) -> float:
     run_cfg = to_run_config(cfg)
     run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
-    if _is_global_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return run(run_cfg, run_dir).get("val_loss_nats", float("nan"))
+    with _run_lock(run_dir):  # a second job with this name is refused before it overwrites config.yaml
+        if _is_global_zero():
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return run(run_cfg, run_dir).get("val_loss_nats", float("nan"))
 
 
 if __name__ == "__main__":
