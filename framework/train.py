@@ -31,7 +31,9 @@ from framework.config import TrainConfig, register_configs, resolve_model, to_ru
 from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import MixtureDataModule, MixtureTokensLogger, mixture_metrics, prepare_mixture
 from framework.data.prepare import prepare_data
-from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_plugins, checkpoint_wandb_id, resolve_resume
+from framework.distributed.checkpoints import (CheckpointWriteError, ResumeStateCallback, checkpoint_plugins,
+                                               checkpoint_wandb_id, resolve_resume)
+from framework.distributed.sharded_checksums import ShardedChecksums
 from framework.distributed.parallelize import Parallelizer
 from framework.distributed.precision import check_strategy_precision, detect_device
 from framework.distributed.run_lock import RunDirectoryBusy, run_directory_lock
@@ -98,7 +100,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             cfg.strategy, t.accelerator, cfg.precision.mode, cfg.data.micro_batch_size, t.accumulate_grad_batches,
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
-        callbacks=[checkpointing, ResumeStateCallback(),
+        callbacks=[checkpointing, ResumeStateCallback(), ShardedChecksums(),
                    *([MixtureTokensLogger()] if mixture else []),
                    PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
                                       check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)]
@@ -215,11 +217,11 @@ def main(cfg: DictConfig) -> float:
     the traceback); anything else propagates with its traceback."""
     try:
         return _main(cfg)
-    except ConfigurationError as err:
+    except (ConfigurationError, CheckpointWriteError) as err:  # a failed checkpoint write (full disk): status 1
         if os.environ.get("FRAMEWORK_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(err, ConfigurationError) else 1)
 
 
 def _main(cfg: DictConfig) -> float:

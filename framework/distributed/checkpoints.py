@@ -82,6 +82,34 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrors:
+    """A file wrapper that remembers the OSError of a failed write: torch.save's zip writer reports it only as
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_reporting_os_errors(obj: Any, file: Any) -> None:
+    writer = _WriteErrors(file)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError as err:
+        if writer.error is None:
+            raise
+        raise writer.error from err
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``<path>.tmp``, fsync, checksum sidecar, then ``os.replace`` onto ``path`` (atomic on
     POSIX). An OSError (a full disk) removes the temporary file and raises ``CheckpointWriteError``."""
@@ -90,7 +118,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            _save_reporting_os_errors(obj, f)
             f.flush()
             os.fsync(f.fileno())
         digest = file_sha256(tmp)

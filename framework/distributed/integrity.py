@@ -158,8 +158,10 @@ def check_dcp_directory(directory: Path) -> str | None:
                 f.seek(info.offset)
                 torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
         torch.load(directory / "meta.pt", map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        return "it holds pickled code or objects that a weights-only load refuses"
+    except pickle.UnpicklingError as err:
+        if "allowed" in str(err) or "global" in str(err).lower():
+            return "it holds pickled code that a weights-only load refuses (none of it was run)"
+        return "its metadata is damaged"
     except Exception as err:  # a damaged pickle raises anything from EOFError to KeyError
         return f"its metadata cannot be read ({type(err).__name__})"
     return None

@@ -94,8 +94,10 @@ def checkpoint_problem(path: Path) -> tuple[str | None, bool]:
 
     try:
         safe_load(path, mmap=True)  # parses the whole pickle section; tensor bytes stay on disk
-    except pickle.UnpicklingError:
-        return "it holds pickled code or objects that a weights-only load refuses (no code was run)", verified
+    except pickle.UnpicklingError as err:  # a refused global, or an invalid opcode of a damaged pickle
+        if "global" in str(err).lower():
+            return "it holds pickled code that a weights-only load refuses (none of it was run)", verified
+        return "its pickle data is damaged", verified
     except Exception as err:  # a damaged pickle raises anything from EOFError to KeyError
         return f"its pickle data is damaged ({type(err).__name__})", verified
     return None, verified
