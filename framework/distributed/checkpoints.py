@@ -42,8 +42,8 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a quota, an I/O error); the message is one sentence."""
 
     @classmethod
-    def describe(cls, path: Path, checkpoint: Any, err: BaseException) -> "CheckpointWriteError":
-        need = _state_nbytes(checkpoint)
+    def describe(cls, path: Path, need: int, err: BaseException) -> "CheckpointWriteError":
+        """``need``: bytes the checkpoint takes (estimated from its state or the previous checkpoint)."""
         try:
             free = shutil.disk_usage(Path(path).parent).free
         except OSError:
@@ -58,14 +58,14 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def _state_nbytes(obj: Any) -> int:
+def state_nbytes(obj: Any) -> int:
     """Bytes of the tensors in a checkpoint dict (what torch.save writes, give or take the pickle)."""
     if isinstance(obj, torch.Tensor):
-        return obj.untyped_storage().nbytes() if obj.device.type != "meta" else 0
+        return obj.numel() * obj.element_size()  # a DTensor counts its global shape: the whole sharded checkpoint
     if isinstance(obj, dict):
-        return sum(_state_nbytes(v) for v in obj.values())
+        return sum(state_nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_state_nbytes(v) for v in obj)
+        return sum(state_nbytes(v) for v in obj)
     return 0
 
 
@@ -127,7 +127,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise CheckpointWriteError.describe(path, obj, err) from err
+            raise CheckpointWriteError.describe(path, state_nbytes(obj), err) from err
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
     try:

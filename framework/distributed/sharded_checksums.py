@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from framework.distributed.checkpoints import CheckpointWriteError, state_nbytes
 from framework.distributed.integrity import INCOMPLETE, file_sha256, manifest_files, write_manifest
 
 
@@ -36,16 +37,27 @@ def _gather(local: dict, world_size: int) -> dict:
     return local
 
 
-def _is_write_failure(err: BaseException) -> bool:
-    if isinstance(err, OSError):
-        return True
-    try:
-        from torch.distributed.checkpoint.api import CheckpointException
-    except ImportError:
-        return False
-    return isinstance(err, CheckpointException) and any(
-        isinstance(e, OSError) or isinstance(getattr(e, "__cause__", None), OSError)
-        for e in getattr(err, "failures", {}).values())
+_ZIP_WRITE_FAILED = ("unexpected pos", "failed writing")  # torch.save's zip writer turns an OSError into these
+
+
+def write_failure(err: BaseException) -> BaseException | None:
+    """The OSError (or torch.save's RuntimeError for one) behind a failed sharded save, else None.
+    torch.distributed.checkpoint gathers every rank's exception into a ``CheckpointException`` (a
+    BaseException) whose ``failures`` map rank -> (exception, traceback)."""
+    seen, pending = set(), [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        if isinstance(current, RuntimeError) and any(s in str(current) for s in _ZIP_WRITE_FAILED):
+            return current
+        for failure in getattr(current, "failures", {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+        pending += [current.__cause__, current.__context__]
+    return None
 
 
 class ShardedChecksums(L.Callback):
@@ -65,16 +77,16 @@ class ShardedChecksums(L.Callback):
                 path.mkdir(parents=True, exist_ok=True)
                 (path / INCOMPLETE).write_bytes(b"")
             strategy.barrier("checksums-start")
+            need = _previous_size(path) or state_nbytes(checkpoint)  # before the save pops the state
             try:
                 original(checkpoint, filepath, storage_options=storage_options)
             except BaseException as err:
-                if not _is_write_failure(err):
+                cause = write_failure(err)
+                if cause is None:
                     raise
-                from framework.distributed.checkpoints import CheckpointWriteError
-
                 if strategy.is_global_zero:
                     shutil.rmtree(path, ignore_errors=True)
-                raise CheckpointWriteError.describe(path, checkpoint, err) from err
+                raise CheckpointWriteError.describe(path, need, cause) from err
             strategy.barrier("checksums-hash")
             files = strategy.broadcast(manifest_files(path) if strategy.is_global_zero else None)
             mine = files[strategy.global_rank::strategy.world_size]
@@ -87,6 +99,13 @@ class ShardedChecksums(L.Callback):
 
         strategy.save_checkpoint = save_checkpoint
         strategy._checksummed = True
+
+
+def _previous_size(path: Path) -> int:
+    """Bytes of the largest other sharded checkpoint beside ``path`` (0 when there is none)."""
+    sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+             for d in path.parent.glob("*.ckpt") if d.is_dir() and d != path]
+    return max(sizes, default=0)
 
 
 def _writes_directories(strategy: Any) -> bool:
