@@ -21,6 +21,7 @@ Sharded checkpoints (FSDP/DeepSpeed directories) are written by their strategies
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from framework.distributed.integrity import file_sha256, safe_load, sidecar, write_sidecar
+from framework.distributed.integrity import safe_load, sidecar, write_sidecar
 from framework.distributed.resume import (  # noqa: F401  (the discovery API, re-exported)
     LIGHTNING_META, STEP_PATTERN, TMP_SUFFIX, checkpoint_step, find_resume_checkpoint, is_complete,
     prune_step_checkpoints, resolve_resume, scan_checkpoints)
@@ -82,32 +83,37 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-class _WriteErrors:
-    """A file wrapper that remembers the OSError of a failed write: torch.save's zip writer reports it only as
-    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``."""
+class _HashingWriter:
+    """The file object torch.save writes through: hashes the bytes as they go (torch's zip writer only appends,
+    so this is the file's SHA-256 without reading it back) and remembers the OSError of a failed write, which
+    the zip writer reports only as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``."""
 
     def __init__(self, file: Any) -> None:
-        self.file, self.error = file, None
+        self.file, self.error, self.sha256 = file, None, hashlib.sha256()
 
     def write(self, data: bytes) -> int:
         try:
-            return self.file.write(data)
+            written = self.file.write(data)
         except OSError as err:
             self.error = self.error or err
             raise
+        self.sha256.update(data)
+        return written
 
     def flush(self) -> None:
         self.file.flush()
 
 
-def _save_reporting_os_errors(obj: Any, file: Any) -> None:
-    writer = _WriteErrors(file)
+def _save_and_hash(obj: Any, file: Any) -> str:
+    """torch.save ``obj`` into ``file``; the SHA-256 hex digest of the bytes written."""
+    writer = _HashingWriter(file)
     try:
         torch.save(obj, writer)
     except RuntimeError as err:
         if writer.error is None:
             raise
         raise writer.error from err
+    return writer.sha256.hexdigest()
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -118,10 +124,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
-            _save_reporting_os_errors(obj, f)
+            digest = _save_and_hash(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        digest = file_sha256(tmp)
         write_sidecar(path, digest, keep_previous=True)  # valid for the old and the new file during the rename
         os.replace(tmp, path)
     except BaseException as err:
