@@ -77,3 +77,27 @@ def test_ranks_launched_by_the_holder_do_not_take_the_lock(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait()
+
+
+ORPHANED = """
+import os, sys, time
+from framework.distributed.run_lock import acquire
+acquire(sys.argv[1])
+if os.fork() == 0:  # like a data loader worker: inherits the locked file, outlives its killed parent briefly
+    time.sleep(2)
+    os._exit(0)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_holder_whose_forked_worker_still_holds_the_lock_is_waited_for(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    holder = subprocess.Popen([sys.executable, "-c", ORPHANED, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with run_directory_lock(tmp_path):  # the worker exits 2 s after its fork; the resume goes ahead then
+        pass

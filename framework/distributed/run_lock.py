@@ -5,7 +5,9 @@ out as ``last.ckpt`` / ``last-v1.ckpt``, one job crashes, and the next ``resume=
 
 Why ``fcntl.flock``: the kernel releases the lock when its holder dies, even by SIGKILL, so a lock file left
 by a killed job never blocks the resume. The holder's host, pid and SLURM job id are written inside the file
-only so that a refused job can say who holds the directory. Only the launching process (global rank 0) takes
+only so that a refused job can say who holds the directory. Processes the holder forked (data loader workers)
+share its open file and so the lock: when the recorded holder on this host is dead, the next run waits up to
+``ORPHAN_WAIT_S`` for them to exit instead of refusing. Only the launching process (global rank 0) takes
 the lock; the ranks it launches, and srun's other tasks of the same job, share it without locking. A
 requeued SLURM job keeps its ``SLURM_JOB_ID``: when the lock is still held under that id (a lock of the
 previous, dead allocation not yet released by a network file system) the job is the same and proceeds.
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 LOCK_NAME = ".run.lock"
+ORPHAN_WAIT_S = 30.0  # how long a dead holder's forked children may keep the lock (workers exit within seconds)
 _HELD: dict[str, list] = {}  # resolved run dir -> [file descriptor, nesting depth] held by this process
 
 
@@ -56,6 +59,32 @@ def _describe(owner: dict) -> str:
     return f"pid {owner.get('pid')} on host {owner.get('host')}{slurm}, started {owner.get('started')}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_for_orphans(fd: int, owner: dict, timeout_s: float = ORPHAN_WAIT_S) -> bool:
+    """True once the lock is ours. When its recorded holder on this host has died, processes it forked (data
+    loader workers inherit the lock's open file) may hold it a few seconds longer: wait for them to exit."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or _alive(owner["pid"]):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def _write_owner(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
@@ -80,7 +109,8 @@ def acquire(run_dir: Path) -> None:
         elif err.errno in (errno.EWOULDBLOCK, errno.EACCES):
             owner = _read_owner(fd)
             job = os.environ.get("SLURM_JOB_ID")
-            if not (job and owner.get("slurm_job_id") == job):  # a requeue of the same SLURM job proceeds
+            same_job = bool(job) and owner.get("slurm_job_id") == job  # a requeue of the same SLURM job proceeds
+            if not same_job and not _wait_for_orphans(fd, owner):
                 os.close(fd)
                 raise RunDirectoryBusy(
                     f"run directory {key} is in use by {_describe(owner)}; wait for that run to end or stop it, "
