@@ -79,13 +79,15 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 def test_a_second_run_with_the_same_name_is_refused_before_it_writes_anything(alone, data_cache, tmp_path):
     run_dir = tmp_path / "runs" / "shared"
     paused, go = tmp_path / "paused", tmp_path / "go"
-    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN.format(paused=paused, go=go), *_cli(data_cache, run_dir)],
-                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = PAUSED_RUN.format(paused=paused, go=go)
+    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: a paused writer must never block on it
+    first = subprocess.Popen([sys.executable, "-c", script, *_cli(data_cache, run_dir)], cwd=tmp_path, env=_env(),
+                             stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
         while not paused.exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert paused.exists(), first.communicate()[1][-2000:] if first.poll() is not None else "first run never paused"
+        assert paused.exists(), (tmp_path / "first.log").read_text()[-2000:]
         before = _snapshot(run_dir)
         second = subprocess.run([sys.executable, "-m", "framework.train", *_cli(data_cache, run_dir)], cwd=tmp_path,
                                 env=_env(), capture_output=True, text=True, timeout=240)
@@ -96,8 +98,9 @@ def test_a_second_run_with_the_same_name_is_refused_before_it_writes_anything(al
         assert _snapshot(run_dir) == before  # no config.yaml, checkpoint or log written by the refused run
     finally:
         go.write_text("")
-        _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
+        first.wait(timeout=300)
+        log.close()
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-2000:]
     _assert_same_losses(run_dir, alone[1])
 
 

@@ -55,7 +55,8 @@ def test_flipped_tensor_bytes_are_detected_and_the_previous_checkpoint_is_used(t
         atomic_torch_save(_ckpt(step), tmp_path / f"step{step:07d}.ckpt")
     flip_tensor_bytes(tmp_path / "step0000008.ckpt")
     damaged = torch.load(tmp_path / "step0000008.ckpt", weights_only=True)  # loads fine: only the checksum knows
-    assert is_complete(tmp_path / "step0000008.ckpt") and not torch.equal(damaged["state_dict"]["w"], _ckpt(8)["state_dict"]["w"])
+    assert is_complete(tmp_path / "step0000008.ckpt")
+    assert not torch.equal(damaged["state_dict"]["w"], _ckpt(8)["state_dict"]["w"])
 
     assert resolve_resume("auto", tmp_path) == str(tmp_path / "step0000004.ckpt")
     err = capsys.readouterr().err.strip().splitlines()

@@ -50,12 +50,13 @@ class CheckpointWriteError(RuntimeError):
         except OSError:
             free = -1
         reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
-        return cls(f"could not write checkpoint {path} ({reason}): it needs about {_gib(need)} and "
-                   f"{_gib(free) if free >= 0 else 'an unknown amount'} is free there; the earlier checkpoints are "
-                   f"intact, so free some space (or lower callbacks.keep_checkpoints) and run the same command to resume.")
+        return cls(f"could not write checkpoint {path} ({reason}): it needs about {_size(need)} and "
+                   f"{_size(free) if free >= 0 else 'an unknown amount'} is free there; the earlier checkpoints are "
+                   f"intact, so free some space (or lower callbacks.keep_checkpoints) and run the same command "
+                   f"to resume.")
 
 
-def _gib(nbytes: int) -> str:
+def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
