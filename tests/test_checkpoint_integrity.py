@@ -134,11 +134,16 @@ def test_every_checkpoint_unusable_is_refused_and_never_or_an_empty_directory_st
     flip_tensor_bytes(tmp_path / "step0000008.ckpt")
     with open(tmp_path / "step0000004.ckpt", "r+b") as f:
         f.truncate(100)
+    (tmp_path / "step0000002.ckpt").write_bytes(bytes(4096))  # zeroed
+    (tmp_path / "step0000001.ckpt").write_bytes(os.urandom(4096))  # garbage
     with pytest.raises(ValueError) as refused:
         resolve_resume("auto", tmp_path)
     message = str(refused.value)
     assert "\n" not in message and message.count(". ") == 0 and "resume=never" in message
-    assert "step0000004.ckpt" in message and "step0000008.ckpt" in message
+    assert "found 4 checkpoint(s)" in message
+    skipped = capsys.readouterr().err.strip().splitlines()
+    assert len(skipped) == 4 and "step0000008.ckpt: its contents do not match its checksum" in skipped[0]
+    assert all("not a complete checkpoint" in line for line in skipped[1:])
     assert resolve_resume("never", tmp_path) is None
 
     empty = tmp_path / "empty"

@@ -84,7 +84,7 @@ def checkpoint_problem(path: Path) -> tuple[str | None, bool]:
     """(why ``path`` cannot be resumed from, or None; whether a checksum vouched for its bytes)."""
     path = Path(path)
     if not is_complete(path):
-        return "it is truncated or incomplete", False
+        return "it is not a complete checkpoint (truncated, zeroed or not a torch.save archive)", False
     problem, verified = verify_checksums(path)
     if problem:
         return problem, verified
