@@ -13,6 +13,7 @@ over from step 0 (``resume=never`` does that on purpose).
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
 import sys
@@ -90,8 +91,6 @@ def checkpoint_problem(path: Path) -> tuple[str | None, bool]:
         return problem, verified
     if path.is_dir():
         return (check_dcp_directory(path) if (path / LIGHTNING_META).is_file() else None), verified
-    import pickle
-
     try:
         safe_load(path, mmap=True)  # parses the whole pickle section; tensor bytes stay on disk
     except pickle.UnpicklingError as err:  # a refused global, or an invalid opcode of a damaged pickle
