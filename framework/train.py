@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -35,9 +36,12 @@ from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import MixtureDataModule, MixtureTokensLogger, mixture_metrics, prepare_mixture
 from framework.data.position import check_resume_world_size
 from framework.data.prepare import prepare_data
-from framework.distributed.checkpoints import ResumeStateCallback, checkpoint_plugins, checkpoint_wandb_id, resolve_resume
+from framework.distributed.checkpoints import (CheckpointWriteError, ResumeStateCallback, checkpoint_plugins,
+                                               checkpoint_wandb_id, resolve_resume)
+from framework.distributed.sharded_checksums import ShardedChecksums
 from framework.distributed.parallelize import Parallelizer
 from framework.distributed.precision import check_strategy_precision, detect_device
+from framework.distributed.run_lock import RunDirectoryBusy, run_directory_lock
 from framework.distributed.strategies import build_strategy
 from framework.evaluation.local_tasks import check_eval_settings
 from framework.objectives import objective_class
@@ -104,7 +108,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             cfg.strategy, t.accelerator, cfg.precision.mode, cfg.data.micro_batch_size, t.accumulate_grad_batches,
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
-        callbacks=[checkpointing, ResumeStateCallback(),
+        callbacks=[checkpointing, ResumeStateCallback(), ShardedChecksums(),
                    *([MixtureTokensLogger()] if mixture else []),
                    PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
                                       check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)]
@@ -123,9 +127,24 @@ class ConfigurationError(ValueError):
     """A setting the user can fix; ``main`` prints it as one line instead of a traceback."""
 
 
+@contextmanager
+def _run_lock(run_dir: Path):
+    """One job per run directory (framework.distributed.run_lock): global rank 0 holds it, its ranks share it."""
+    try:
+        with run_directory_lock(run_dir, take=_is_global_zero()):
+            yield
+    except RunDirectoryBusy as err:
+        raise ConfigurationError(str(err)) from None
+
+
 def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``)."""
     run_dir = Path(run_dir).resolve()
+    with _run_lock(run_dir):  # before anything is written into run_dir
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: TrainConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:  # everything a user's settings can get wrong fails here, before any training step
@@ -234,20 +253,20 @@ def main(cfg: DictConfig) -> float:
     the traceback); anything else propagates with its traceback."""
     try:
         return _main(cfg)
-    except ConfigurationError as err:
+    except (ConfigurationError, CheckpointWriteError) as err:  # a failed checkpoint write (full disk): status 1
         if os.environ.get("FRAMEWORK_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(err, ConfigurationError) else 1)
 
 
 def _main(cfg: DictConfig) -> float:
     run_cfg = to_run_config(cfg)
     run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
-    if _is_global_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return run(run_cfg, run_dir).get("val_loss_nats", float("nan"))
+    with _run_lock(run_dir):  # a second job with this name is refused before it overwrites config.yaml
+        if _is_global_zero():
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return run(run_cfg, run_dir).get("val_loss_nats", float("nan"))
 
 
 if __name__ == "__main__":

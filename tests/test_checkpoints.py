@@ -43,7 +43,7 @@ def test_failed_save_keeps_previous_file_and_leaves_no_partial(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_torch_save({"global_step": 8, "big": torch.zeros(1000), "bad": _FailsToPickle()}, path)
     assert safe_load(path)["global_step"] == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
 
 
 def test_truncated_checkpoints_are_skipped_for_the_previous_complete_one(tmp_path):
@@ -77,12 +77,22 @@ def test_resume_picks_the_highest_step_not_the_newest_file(tmp_path):
     assert find_resume_checkpoint(tmp_path / "missing") is None
 
 
+def _dcp_save(directory: Path) -> None:
+    """A real torch.distributed.checkpoint directory (one process): tensors and an optimizer's non-tensor items."""
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    dcp.save({"state_dict": model.state_dict(), "optimizer_0": optimizer.state_dict()}, checkpoint_id=directory,
+             no_dist=True)
+
+
 def test_sharded_directories_count_once_complete_with_their_step_read_inside(tmp_path):
     atomic_torch_save(_ckpt(10), tmp_path / "step0000010.ckpt")
     dcp = tmp_path / "last.ckpt"  # FSDP via torch.distributed.checkpoint: shards, .metadata, then Lightning's meta.pt
-    dcp.mkdir()
-    (dcp / "__0_0.distcp").write_bytes(b"shard")
-    (dcp / ".metadata").write_bytes(b"metadata")
+    _dcp_save(dcp)
     assert not is_complete(dcp) and find_resume_checkpoint(tmp_path) == tmp_path / "step0000010.ckpt"
     torch.save({"global_step": 12, "loops": {}}, dcp / "meta.pt")
     assert is_complete(dcp) and checkpoint_step(dcp) == 12
@@ -163,6 +173,7 @@ def test_lightning_checkpoints_are_weights_only_and_removed_only_after_a_newer_o
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(_Regression())
     assert ("remove", "step0000002.ckpt") in io.events and ("remove", "step0000004.ckpt") in io.events
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step0000006.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256", "step0000006.ckpt",
+                                                          "step0000006.ckpt.sha256"]
     loaded = torch.load(tmp_path / "last.ckpt", weights_only=True)  # a Lightning checkpoint needs no unpickling
     assert loaded["global_step"] == 6 and "optimizer_states" in loaded and "loops" in loaded

@@ -1,28 +1,30 @@
-"""Checkpoint files that survive preemption: atomic writes, safe loads, resume discovery, exact-resume state.
+"""Checkpoint files that survive preemption, bit rot and a full disk: atomic checksummed writes, safe loads,
+exact-resume state.
 
-- ``AtomicCheckpointIO`` (a Lightning CheckpointIO plugin) writes ``<name>.tmp``, fsyncs it and renames it
+- ``AtomicCheckpointIO`` (a Lightning CheckpointIO plugin) writes ``<name>.tmp``, fsyncs it, records its
+  SHA-256 in the sidecar ``<name>.sha256`` (``framework.distributed.integrity`` has the scheme) and renames it
   over ``<name>``, so a reader sees either the previous complete file or the new complete file, never a
   partial one. ModelCheckpoint saves the new file before it removes an older one (Lightning 2.6
   ``_save_last_checkpoint`` / ``_update_best_and_save``), so a complete checkpoint exists at every instant.
   Loading uses ``torch.load(weights_only=True)``: no pickled code runs, only tensors and plain containers.
-- ``find_resume_checkpoint`` picks the complete checkpoint with the highest global step (the step is in the
-  file name ``step{step:07d}.ckpt``; ``last.ckpt`` is read lazily with mmap), skipping truncated files and
-  leftover ``.tmp`` files.
+- A write that fails (ENOSPC, any OSError) removes its temporary file, leaves every earlier checkpoint as it
+  was and raises ``CheckpointWriteError``: one sentence with the path, the space the checkpoint needs and
+  the space free; ``fw-train`` prints it and exits with status 1 after Lightning has finalized the loggers.
+- Resume discovery and retention after a resume: ``framework.distributed.resume``.
 - ``ResumeStateCallback`` stores what Lightning does not: every rank's RNG states (torch, CUDA, numpy,
   python) and the wandb run id, so a resumed run draws the same random numbers and continues the same
-  wandb run.
+  wandb run; after a resume it removes the step checkpoints ModelCheckpoint has forgotten.
 
 Sharded checkpoints (FSDP/DeepSpeed directories) are written by their strategies, not by this plugin;
-discovery accepts such a directory once the file its writer writes last exists, and reads its step from
-the small trainer-state file inside.
+``framework.distributed.sharded_checksums`` adds their checksums and failure handling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
-import re
-import zipfile
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,9 +33,42 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-STEP_PATTERN = re.compile(r"step(\d+)")
-TMP_SUFFIX = ".tmp"
-LIGHTNING_META = "meta.pt"  # what Lightning's ModelParallelStrategy writes last in a torch.distributed.checkpoint dir
+from framework.distributed.integrity import safe_load, sidecar, write_sidecar
+from framework.distributed.resume import (  # noqa: F401  (the discovery API, re-exported)
+    LIGHTNING_META, STEP_PATTERN, TMP_SUFFIX, checkpoint_step, find_resume_checkpoint, is_complete,
+    prune_step_checkpoints, resolve_resume, scan_checkpoints)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); the message is one sentence."""
+
+    @classmethod
+    def describe(cls, path: Path, need: int, err: BaseException) -> "CheckpointWriteError":
+        """``need``: bytes the checkpoint takes (estimated from its state or the previous checkpoint)."""
+        try:
+            free = shutil.disk_usage(Path(path).parent).free
+        except OSError:
+            free = -1
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        return cls(f"could not write checkpoint {path} ({reason}): it needs about {_size(need)} and "
+                   f"{_size(free) if free >= 0 else 'an unknown amount'} is free there; the earlier checkpoints are "
+                   f"intact, so free some space (or lower callbacks.keep_checkpoints) and run the same command "
+                   f"to resume.")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def state_nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a checkpoint dict (what torch.save writes, give or take the pickle)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()  # a DTensor counts its global shape: the whole sharded checkpoint
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -49,26 +84,62 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _HashingWriter:
+    """The file object torch.save writes through: hashes the bytes as they go (torch's zip writer only appends,
+    so this is the file's SHA-256 without reading it back) and remembers the OSError of a failed write, which
+    the zip writer reports only as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error, self.sha256 = file, None, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        self.sha256.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_and_hash(obj: Any, file: Any) -> str:
+    """torch.save ``obj`` into ``file``; the SHA-256 hex digest of the bytes written."""
+    writer = _HashingWriter(file)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError as err:
+        if writer.error is None:
+            raise
+        raise writer.error from err
+    return writer.sha256.hexdigest()
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``<path>.tmp``, fsync, then ``os.replace`` onto ``path`` (atomic on POSIX)."""
+    """``torch.save`` to ``<path>.tmp``, fsync, checksum sidecar, then ``os.replace`` onto ``path`` (atomic on
+    POSIX). An OSError (a full disk) removes the temporary file and raises ``CheckpointWriteError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            digest = _save_and_hash(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        write_sidecar(path, digest, keep_previous=True)  # valid for the old and the new file during the rename
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise CheckpointWriteError.describe(path, state_nbytes(obj), err) from err
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
-
-
-def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
-    """Load a checkpoint without unpickling arbitrary objects (tensors, numbers, strings, containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    try:
+        write_sidecar(path, digest, keep_previous=False)
+    except OSError:
+        pass  # the sidecar that also lists the replaced file's digest still verifies the new file
 
 
 def read_training_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -94,7 +165,7 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Te
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Single-file checkpoints (auto/DDP strategies): atomic save, weights-only load."""
+    """Single-file checkpoints (auto/DDP strategies): atomic checksummed save, weights-only load."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
@@ -112,88 +183,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         path = Path(path)
         if path.is_dir():
-            import shutil
-
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+            sidecar(path).unlink(missing_ok=True)
 
 
 def checkpoint_plugins(strategy_name: str) -> list:
     """The CheckpointIO plugin for strategies that write one file per checkpoint; sharded ones write their own."""
     return [AtomicCheckpointIO()] if strategy_name in ("auto", "ddp") else []
-
-
-# ---------------------------------------------------------------------------------------------- discovery
-def is_complete(path: Path) -> bool:
-    """A checkpoint file is complete when its zip central directory (written last by torch.save) is intact; a
-    sharded directory when the file its writer writes last exists (FSDP/DCP: ``.metadata`` and Lightning's
-    ``meta.pt``; DeepSpeed: the ``latest`` tag file)."""
-    path = Path(path)
-    if path.name.endswith(TMP_SUFFIX):
-        return False
-    if path.is_dir():
-        return ((path / ".metadata").is_file() and (path / LIGHTNING_META).is_file()) or (path / "latest").is_file()
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return len(zf.namelist()) > 0
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def _sharded_step(directory: Path) -> int:
-    """The global step of a sharded checkpoint directory, from the small file that holds the trainer state."""
-    if (directory / LIGHTNING_META).is_file():
-        return int(safe_load(directory / LIGHTNING_META).get("global_step", -1))
-    tag = (directory / "latest").read_text().strip()  # DeepSpeed: <tag>/*model_states.pt hold the client state
-    states = sorted((directory / tag).glob("*model_states.pt"))
-    return int(safe_load(states[0], mmap=True).get("global_step", -1)) if states else -1
-
-
-def checkpoint_step(path: Path) -> int:
-    """The global step a checkpoint was saved at: from its name when it carries one, else read lazily
-    (-1 when it cannot be read without unpickling arbitrary objects)."""
-    path = Path(path)
-    match = STEP_PATTERN.search(path.name)
-    if match:
-        return int(match.group(1))
-    try:
-        if path.is_dir():
-            return _sharded_step(path)
-        return int(safe_load(path, mmap=True).get("global_step", -1))
-    except Exception:
-        return -1
-
-
-def find_resume_checkpoint(directory: Path) -> Path | None:
-    """The complete ``*.ckpt`` in ``directory`` with the highest global step (newest file on a tie), or None."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    ranked = []
-    for path in directory.glob("*.ckpt"):
-        if not is_complete(path):
-            continue
-        step = checkpoint_step(path)
-        if step >= 0:
-            ranked.append((step, path.stat().st_mtime, path))
-    if not ranked:
-        return None
-    return max(ranked, key=lambda r: (r[0], r[1]))[2]
-
-
-def resolve_resume(resume: str, checkpoint_dir: Path) -> str | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = find_resume_checkpoint(checkpoint_dir)
-        return str(found) if found else None
-    path = Path(resume).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint; use resume=auto, resume=never or a .ckpt path.")
-    if not is_complete(path):
-        raise ValueError(f"resume={resume!r} is an incomplete or corrupt checkpoint; pick an earlier one.")
-    return str(path)
 
 
 def checkpoint_wandb_id(path: str | Path | None) -> str | None:
@@ -267,6 +265,17 @@ class ResumeStateCallback(L.Callback):
         states = checkpoint.get(self.RNG_KEY)
         if states and len(states) == trainer.world_size:
             self._pending = states[trainer.global_rank]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a resume: remove the step checkpoints beyond ``save_top_k`` that ModelCheckpoint has forgotten."""
+        checkpointing = trainer.checkpoint_callback
+        if not trainer.ckpt_path or not trainer.is_global_zero or checkpointing is None or not checkpointing.dirpath:
+            return
+        removed = prune_step_checkpoints(Path(checkpointing.dirpath), checkpointing.save_top_k, trainer.global_step,
+                                         Path(trainer.ckpt_path))
+        if removed:
+            print(f"removed {len(removed)} old step checkpoint(s) beyond callbacks.keep_checkpoints="
+                  f"{checkpointing.save_top_k}: {', '.join(p.name for p in removed)}")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is not None:

@@ -1,0 +1,172 @@
+"""End to end through fw-train: two runs with one name, a checkpoint corrupted on disk, a disk that fills
+during a checkpoint write. Each compares the losses with those of one uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from framework.config import to_run_config
+from framework.distributed.resume import scan_checkpoints
+from framework.train import run
+from test_checkpoint_integrity import flip_tensor_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+OVERRIDES = ["trainer.max_steps=12", "callbacks.checkpoint_every_n_steps=4", "callbacks.keep_checkpoints=-1",
+             "trainer.log_every_n_steps=1", "trainer.val_check_interval=100", "data.val_windows=8", "torch_threads=1",
+             "callbacks.throughput=false", "callbacks.model_card=false"]
+PAUSED_RUN = """
+import os, sys, time
+from pathlib import Path
+from framework.objectives.clm import CausalLM
+step = CausalLM.training_step
+def paused_at_step_2(self, batch, batch_idx):
+    if self.trainer.global_step == 2 and not Path("{go}").exists():
+        Path("{paused}").write_text(str(os.getpid()))
+        while not Path("{go}").exists():
+            time.sleep(0.05)
+    return step(self, batch, batch_idx)
+CausalLM.training_step = paused_at_step_2
+from framework.train import main
+sys.argv = ["framework.train", *sys.argv[1:]]
+main()
+"""
+
+
+def _csv_losses(run_dir: Path) -> list[tuple[int, float]]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _cli(data_cache: str, run_dir: Path) -> list[str]:
+    return TINY + [f"data.cache_dir={data_cache}", *OVERRIDES, "name=shared", f"run_dir={run_dir}",
+                   f"hydra.run.dir={run_dir}"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+@pytest.fixture(scope="module")
+def alone(compose, tiny_prepared, tmp_path_factory) -> tuple[Path, list[tuple[int, float]]]:
+    """One uninterrupted run: (its directory, its (step, train loss) rows); checkpoints at steps 4, 8, 12."""
+    run_dir = tmp_path_factory.mktemp("alone")
+    run(to_run_config(compose(OVERRIDES)), run_dir)
+    return run_dir, _csv_losses(run_dir)
+
+
+def _assert_same_losses(run_dir: Path, reference: list[tuple[int, float]]) -> None:
+    losses = _csv_losses(run_dir)
+    assert [s for s, _ in losses] == list(range(12))  # every step logged exactly once
+    for (step, loss), (_, expected) in zip(losses, reference):
+        assert loss == pytest.approx(expected, rel=1e-6, abs=1e-6), step
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+@pytest.mark.slow
+def test_a_second_run_with_the_same_name_is_refused_before_it_writes_anything(alone, data_cache, tmp_path):
+    run_dir = tmp_path / "runs" / "shared"
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    script = PAUSED_RUN.format(paused=paused, go=go)
+    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: a paused writer must never block on it
+    first = subprocess.Popen([sys.executable, "-c", script, *_cli(data_cache, run_dir)], cwd=tmp_path, env=_env(),
+                             stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not paused.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert paused.exists(), (tmp_path / "first.log").read_text()[-2000:]
+        before = _snapshot(run_dir)
+        second = subprocess.run([sys.executable, "-m", "framework.train", *_cli(data_cache, run_dir)], cwd=tmp_path,
+                                env=_env(), capture_output=True, text=True, timeout=240)
+        assert second.returncode == 2, second.stderr[-2000:]
+        last_line = second.stderr.strip().splitlines()[-1]
+        assert last_line.startswith(f"error: run directory {run_dir.resolve()} is in use by pid {first.pid} on host ")
+        assert "Traceback" not in second.stderr
+        assert _snapshot(run_dir) == before  # no config.yaml, checkpoint or log written by the refused run
+    finally:
+        go.write_text("")
+        first.wait(timeout=300)
+        log.close()
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-2000:]
+    _assert_same_losses(run_dir, alone[1])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_flipped_tensor_bytes_is_skipped_and_the_resume_is_exact(alone, compose, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(alone[0], run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    for name in ("last.ckpt", "step0000012.ckpt"):  # as if killed during step 12: steps 4 and 8 remain
+        (ckpt_dir / name).unlink()
+    flip_tensor_bytes(ckpt_dir / "step0000008.ckpt")
+    metrics = run(to_run_config(compose(OVERRIDES)), run_dir)  # resume=auto
+    err = capsys.readouterr()
+    assert f"skipping checkpoint {ckpt_dir / 'step0000008.ckpt'}: its contents do not match its checksum" in err.err
+    assert f"resuming from {ckpt_dir / 'step0000004.ckpt'}" in err.out
+    assert metrics["step"] == 12
+    _assert_same_losses(run_dir, alone[1])  # = a resume from step 4 = the uninterrupted run
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """mount(size) -> a tmpfs of ``size`` bytes at tmp_path/run/checkpoints; unmounted at the end."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        target = tmp_path / "run" / "checkpoints"
+        target.mkdir(parents=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.mark.slow
+def test_a_disk_full_during_a_checkpoint_write_stops_in_one_sentence_and_resumes_exactly(
+        alone, compose, data_cache, small_tmpfs, tmp_path):
+    size = (alone[0] / "checkpoints" / "step0000004.ckpt").stat().st_size  # bytes of one checkpoint
+    ckpt_dir = small_tmpfs(int(2.5 * size) + 16 * 1024)  # step 4 and last.ckpt fit; step 8 fills it mid-write
+    run_dir = ckpt_dir.parent
+    proc = subprocess.run([sys.executable, "-m", "framework.train", *_cli(data_cache, run_dir)], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(rf"error: could not write checkpoint {re.escape(str(ckpt_dir / 'step0000008.ckpt'))} \(No "
+                         r"space left on device\): it needs about ([0-9.]+) MiB and ([0-9.]+) MiB is free there; .*\.",
+                         last_line)
+    assert match, last_line
+    assert float(match.group(1)) == pytest.approx(size / 2**20, rel=0.1)  # estimated from the state's tensors
+    assert float(match.group(2)) * 2**20 < size  # what was free, after the partial file was removed
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "last.ckpt.sha256", "step0000004.ckpt",
+                                                           "step0000004.ckpt.sha256"]  # no temporary file left
+    chosen, skipped = scan_checkpoints(ckpt_dir)
+    assert chosen is not None and not skipped  # both earlier checkpoints verify against their checksums
+
+    saved = tmp_path / "saved"  # the user frees space: here, the checkpoints move off the small disk
+    shutil.copytree(ckpt_dir, saved)
+    subprocess.run(["umount", str(ckpt_dir)], check=True)
+    shutil.rmtree(ckpt_dir)
+    shutil.copytree(saved, ckpt_dir)
+    metrics = run(to_run_config(compose(OVERRIDES)), run_dir)  # resume=auto from step 4
+    assert metrics["step"] == 12
+    _assert_same_losses(run_dir, alone[1])
