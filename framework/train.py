@@ -183,7 +183,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
             print(f"spike guard: rolling back to {target.name} and skipping the data of steps "
                   f"{guard.rollback_requested['first_spike_step']}..{guard.rollback_requested['last_step']}")
         trainer.strategy.barrier()
-        return run(dataclasses.replace(cfg, resume=str(target)), run_dir)
+        return _run(dataclasses.replace(cfg, resume=str(target)), run_dir)
     train_loss = trainer.callback_metrics.get("train/loss")
     preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
     if preemption.preempted:  # checkpoint saved at a step boundary: requeue (SLURM) and skip the final evaluation
