@@ -121,7 +121,7 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:  # everything a user's settings can get wrong fails here, before any training step
-        check_optim(cfg.optim, cfg.trainer.max_steps)
+        check_optim(cfg.optim, cfg.trainer.max_steps, cfg.strategy)
         ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
         branching = ckpt_path is None and bool(cfg.branch_from)  # a cooldown branch's first start
         if branching:
