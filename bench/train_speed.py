@@ -78,8 +78,8 @@ GPU_ROWS = ("gpt2-small:clm:32:1024", "gpt2-medium:clm:16:1024", "gpt-1.3b:clm:8
             "t5-base:span_corruption:64:512")
 TINY_ROWS = ("tiny:clm:4:32", "bert-tiny:mlm:4:32", "t5-tiny:span_corruption:4:32")
 MODE_PRECISION = {mode: key for key, mode in PRECISION_MODES.items()}  # "bf16-mixed" -> "bf16"
-COLUMNS = ("model", "objective", "optimizer", "params", "seq len", "batch", "tokens/s", "MFU", "F/step", "Lightning step ms",
-           "raw step ms", "Lightning/raw", "data wait", "peak mem GB", "planner GB", "peak/planner", "attention")
+COLUMNS = ("model", "objective", "optimizer", "params", "seq len", "batch", "tokens/s", "MFU", "F/step",
+           "Lightning step ms", "raw step ms", "Lightning/raw", "data wait", "peak mem GB", "planner GB", "peak/planner", "attention")
 
 
 @dataclass

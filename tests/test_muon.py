@@ -172,7 +172,8 @@ def test_training_refuses_muon_with_deepspeed_before_any_data(compose, tmp_path)
     from framework.config import to_run_config
     from framework.train import ConfigurationError, run
 
-    cfg = to_run_config(compose(["optim=muon", "strategy=deepspeed_zero2_offload", "data.cache_dir=/nonexistent/cache"]))
+    overrides = ["optim=muon", "strategy=deepspeed_zero2_offload", "data.cache_dir=/nonexistent/cache"]
+    cfg = to_run_config(compose(overrides))
     with pytest.raises(ConfigurationError, match=r"^optim=muon cannot run under strategy=deepspeed_zero2_offload: "):
         run(cfg, tmp_path)
     assert not Path("/nonexistent/cache").exists() and not (tmp_path / "checkpoints").exists()

@@ -27,9 +27,9 @@ MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
 
 @dataclass
 class OptimConfig:
-    """AdamW (Loshchilov & Hutter 2019; with ``name=muon``, Muon for the hidden matrices) with linear warmup, then either cosine decay to ``min_lr_ratio * lr``
-    over the rest of the run (``schedule=cosine``) or warmup-stable-decay (``schedule=wsd``, Hägele et al. 2024):
-    the peak LR held constant, then a decay to ``min_lr_ratio * lr`` over the last ``decay_fraction`` of the
+    """AdamW (Loshchilov & Hutter 2019; with ``name=muon``, Muon for the hidden matrices) with linear warmup,
+    then either cosine decay to ``min_lr_ratio * lr`` over the rest of the run (``schedule=cosine``) or
+    warmup-stable-decay (``schedule=wsd``, Hägele et al. 2024): the peak LR held constant, then a decay to ``min_lr_ratio * lr`` over the last ``decay_fraction`` of the
     steps, shaped ``linear``, ``cosine`` or ``1-sqrt`` (the paper's best)."""
 
     lr: float = 3e-4
@@ -73,12 +73,15 @@ def check_optim(optim: OptimConfig, max_steps: int, strategy=None) -> None:
 
 
 def check_optimizer(optim: OptimConfig, strategy=None) -> None:
+    """``optim.name`` and Muon's settings, and Muon's strategies: DeepSpeed is refused."""
     if optim.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={optim.name!r} is not one of {', '.join(OPTIMIZERS)}; use optim=adamw or optim=muon.")
+        raise ValueError(f"optim.name={optim.name!r} is not one of {', '.join(OPTIMIZERS)}; "
+                         "use optim=adamw or optim=muon.")
     if optim.name != "muon":
         return
     if optim.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
-        raise ValueError(f"optim.muon_adjust_lr={optim.muon_adjust_lr!r} is not one of {', '.join(MUON_LR_ADJUSTMENTS)}.")
+        raise ValueError(f"optim.muon_adjust_lr={optim.muon_adjust_lr!r} is not one of "
+                         f"{', '.join(MUON_LR_ADJUSTMENTS)}.")
     if not 0.0 <= optim.muon_momentum < 1.0 or optim.muon_ns_steps < 1 or optim.muon_lr < 0:
         raise ValueError(f"optim.muon_momentum={optim.muon_momentum} must be in [0, 1), optim.muon_ns_steps="
                          f"{optim.muon_ns_steps} at least 1 and optim.muon_lr={optim.muon_lr} at least 0.")

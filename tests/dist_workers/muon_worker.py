@@ -24,8 +24,8 @@ from framework.distributed.config import StrategyConfig  # noqa: E402
 from framework.distributed.parallelize import fsdp_mesh, parallelize  # noqa: E402
 from framework.models import ModelConfig, build_model  # noqa: E402
 from framework.objectives.config import OptimConfig  # noqa: E402
-from framework.objectives.optimizers import (NS_COEFFICIENTS, build_optimizer, newton_schulz, orthogonalize,  # noqa: E402
-                                            split_for_muon)
+from framework.objectives.optimizers import (  # noqa: E402
+    NS_COEFFICIENTS, build_optimizer, newton_schulz, orthogonalize, split_for_muon)
 from framework.objectives.schedules import lr_lambda  # noqa: E402
 
 STEPS, MICRO_BATCH, SEQ_LEN, VOCAB, CLIP, WARMUP = 6, 4, 32, 512, 1.0, 2
