@@ -226,3 +226,27 @@ def test_muon_resumes_exactly(muon_runs, run, tmp_path_factory):
     resumed = train(tmp_path_factory.mktemp(f"muon_{run}_resume"), muon_runs["common"] + extra, resume=str(ckpt))
     assert resumed["first_step"] == 3
     assert resumed["losses"] == full["losses"][3:]  # exact: same optimizer state, data position and RNG
+
+
+@pytest.mark.slow
+def test_a_consolidated_fsdp2_muon_checkpoint_loads_into_one_process(muon_runs):
+    """fw-consolidate's file holds the combined optimizer in torch's format: full-size momentum buffers that load
+    into a single-process MuonWithAdamW and agree with the single-process run's at the same step."""
+    from framework.distributed.consolidate import consolidate_dcp
+
+    def optimizer_state(ckpt: dict) -> dict:
+        hp = ckpt["hyper_parameters"]
+        model = build_model(ModelConfig(**hp["model_config"]))
+        model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+        opt = build_optimizer(model, OptimConfig(**hp["optim"]), {"cpu"})
+        opt.load_state_dict(ckpt["optimizer_states"][0])
+        return {name: opt.state[p] for name, p in model.named_parameters()}
+
+    step3 = "run/checkpoints/step0000003.ckpt"
+    sharded = optimizer_state(consolidate_dcp(muon_runs["fsdp"]["out"] / step3))
+    single = optimizer_state(torch.load(muon_runs["single"]["out"] / step3, map_location="cpu", weights_only=False))
+    buffers = [n for n, state in sharded.items() if "momentum_buffer" in state]
+    assert len(buffers) == 14 and all(re.fullmatch(r"blocks\.\d+\." + f"({MATRICES})", n) for n in buffers)
+    for name, state in sharded.items():
+        for key, value in state.items():
+            torch.testing.assert_close(value, single[name][key], atol=1e-4, rtol=1e-3, msg=f"{name} {key}")
