@@ -28,6 +28,10 @@ planner's estimate (``framework.scaling.memory.estimate_memory``, strategy auto,
 both in GB = 1e9 bytes. attention = the SDPA backends that accept this model's attention calls, each tried
 alone on one micro-batch (forward + backward).
 
+``--optim muon`` trains every row with Muon for the blocks' matrices and AdamW for the rest (``optim=muon``;
+the ``optimizer`` column): its step time beside an ``--optim adamw`` run is Muon's cost (Newton-Schulz
+matrix multiplies, not counted in F/step or MFU).
+
 Imports nothing that the GPU image lacks (no hydra, datasets, wandb, deepspeed).
 """
 from __future__ import annotations
@@ -74,8 +78,8 @@ GPU_ROWS = ("gpt2-small:clm:32:1024", "gpt2-medium:clm:16:1024", "gpt-1.3b:clm:8
             "t5-base:span_corruption:64:512")
 TINY_ROWS = ("tiny:clm:4:32", "bert-tiny:mlm:4:32", "t5-tiny:span_corruption:4:32")
 MODE_PRECISION = {mode: key for key, mode in PRECISION_MODES.items()}  # "bf16-mixed" -> "bf16"
-COLUMNS = ("model", "objective", "params", "seq len", "batch", "tokens/s", "MFU", "F/step", "Lightning step ms",
-           "raw step ms", "Lightning/raw", "data wait", "peak mem GB", "planner GB", "peak/planner", "attention")
+COLUMNS = ("model", "objective", "optimizer", "params", "seq len", "batch", "tokens/s", "MFU", "F/step",
+           "Lightning step ms", "raw step ms", "Lightning/raw", "data wait", "peak mem GB", "planner GB", "peak/planner", "attention")
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Options:
     raw: bool = True
     fingerprints: bool = False  # record a checksum of every batch in both runs (tests: the same batches)
     profile_dir: str = ""  # profile the last PROFILE_STEPS warm-up steps of the Lightning run into this folder
+    optim: str = "adamw"  # optim.name: adamw, or muon (Muon for the blocks' matrices + AdamW for the rest)
 
 
 # ------------------------------------------------------------------ data: random tokens as a memory-mapped shard
@@ -135,7 +140,7 @@ def build_module(row: Row, opts: Options, vocab_size: int):
     cfg = ModelConfig.from_name(row.preset, vocab_size=vocab_size)
     cls = objective_class(row.objective)
     total = opts.warmup + opts.steps
-    optim = OptimConfig(warmup_steps=max(1, total // 10))
+    optim = OptimConfig(warmup_steps=max(1, total // 10), name=opts.optim)
     torch.manual_seed(opts.seed)
     module = cls(**module_kwargs(cfg, optim, ObjectiveConfig(name=row.objective), SPECIAL, total, row.seq_len))
     module.parallelizer = Parallelizer(StrategyConfig(name="auto", compile=opts.compile), opts.precision)
@@ -360,7 +365,7 @@ def bench_row(row: Row, opts: Options, prepared: PreparedData) -> dict:
     peak, _ = peak_for(opts)
     step_s = lightning.step_s
     result = {
-        "model": row.preset, "objective": row.objective, "params": info["params"], "seq_len": row.seq_len,
+        "model": row.preset, "objective": row.objective, "optim": opts.optim, "params": info["params"], "seq_len": row.seq_len,
         "target_len": info.get("target_len"), "micro_batch": row.micro_batch, "vocab_size": prepared.vocab_size,
         "padded_vocab_size": cfg.padded_vocab_size, "tokens_per_step": info["tokens_per_step"],
         "tokens_per_sec": info["tokens_per_step"] / step_s, "flops_per_step": info["flops_per_step"],
@@ -393,12 +398,12 @@ def format_table(results: list[dict], opts: Options) -> str:
         f"= 1e9 bytes; {opts.precision}, compile={opts.compile}, {opts.warmup} warm-up + {opts.steps} measured steps.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" if c in ("model", "objective", "attention") else "---:" for c in COLUMNS) + "|",
+        "|" + "|".join("---" if c in ("model", "objective", "optimizer", "attention") else "---:" for c in COLUMNS) + "|",
     ]
     for r in results:
         seq = f"{r['seq_len']}/{r['target_len']}" if r.get("target_len") else str(r["seq_len"])
         ratio = r["peak_memory_gb"] / r["planner_memory_gb"] if r["peak_memory_gb"] is not None else None
-        cells = [r["model"], r["objective"], f"{r['params']:,}", seq, str(r["micro_batch"]),
+        cells = [r["model"], r["objective"], r.get("optim", "adamw"), f"{r['params']:,}", seq, str(r["micro_batch"]),
                  f"{r['tokens_per_sec']:,.0f}", _fmt(r["mfu"], ".4f"), f"{r['flops_per_step']:.4e}",
                  f"{r['lightning_step_s'] * 1e3:.2f}", _fmt(r["raw_step_s"] and r["raw_step_s"] * 1e3, ".2f"),
                  _fmt(r["lightning_over_raw"], ".4f"), f"{r['data_wait_fraction']:.4f}",
@@ -433,6 +438,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data-dir", default="", help="where the random-token shard is written (default: a temp dir)")
     parser.add_argument("--profile", default="", help="folder for a torch.profiler trace + top-ops table of the "
                         f"last {PROFILE_STEPS} warm-up steps of each Lightning run (needs --warmup > {PROFILE_STEPS})")
+    parser.add_argument("--optim", default="adamw", choices=("adamw", "muon"),
+                        help="optimizer of every row (muon: Muon for the blocks' matrices, AdamW for the rest)")
     parser.add_argument("--table-from", nargs="+", default=[], help="print the table of rows saved by --jsonl, run nothing")
     args = parser.parse_args(argv)
     if args.table_from:
@@ -452,7 +459,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    compile=not (args.no_compile or args.tiny or device == "cpu"), raw=not args.no_raw,
                    warmup=args.warmup if args.warmup is not None else (2 if args.tiny else 10),
                    steps=args.steps if args.steps is not None else (4 if args.tiny else 30),
-                   num_workers=args.num_workers, peak_flops=args.peak_flops, profile_dir=args.profile)
+                   num_workers=args.num_workers, peak_flops=args.peak_flops, profile_dir=args.profile,
+                   optim=args.optim)
     if opts.warmup < 1 or opts.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1 (the window's first edge follows a warm-up step).")
     if opts.profile_dir and opts.warmup <= PROFILE_STEPS:

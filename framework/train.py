@@ -148,7 +148,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:  # everything a user's settings can get wrong fails here, before any training step
-        check_optim(cfg.optim, cfg.trainer.max_steps)
+        check_optim(cfg.optim, cfg.trainer.max_steps, cfg.strategy)
         if cfg.callbacks.spike_guard.enabled:
             check_spike_guard(cfg.callbacks.spike_guard, cfg.strategy.name, str(cfg.precision.mode))
         ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")

@@ -1,4 +1,4 @@
-"""What all three objectives share: optimizer grouping, the LR schedule, token accounting and logging.
+"""What all three objectives share: the optimizer and LR schedule, token accounting and logging.
 
 A subclass says which model family it trains (``family``), how long a raw window of tokens must be
 for a given model sequence length (``window_length``), how raw windows become a batch (``collate``)
@@ -12,35 +12,14 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch import nn
 
 from framework.callbacks.throughput import logs_this_step
 from framework.data.tokenizer import SpecialIds
 from framework.models import ModelConfig, build_model
 from framework.objectives.config import ObjectiveConfig, OptimConfig
+# param_groups, adamw_kernel and lr_lambda are imported from here by tests and workers
+from framework.objectives.optimizers import adamw_kernel, build_optimizer, param_groups  # noqa: F401
 from framework.objectives.schedules import lr_lambda
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (embeddings and linear weights) only, never on norms or biases."""
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:  # tied weights appear once
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def adamw_kernel(device_types: set[str], deepspeed: bool = False) -> dict:
-    """AdamW's implementation for parameters on ``device_types``: ``fused=True`` (one kernel for all
-    parameters) when they are all on CUDA, plain tensors or FSDP2 DTensors (torch registers
-    ``_fused_adamw_`` as a DTensor pointwise op); ``foreach=True`` on CUDA under DeepSpeed, whose ZeRO
-    optimizers wrap this one and swap its parameters for flat partitions (on the CPU with offload); {} =
-    torch's default elsewhere (CPU: the per-parameter loop)."""
-    if device_types == {"cuda"}:
-        return {"foreach": True} if deepspeed else {"fused": True}
-    return {}
 
 
 class PretrainModule(L.LightningModule):
@@ -156,11 +135,12 @@ class PretrainModule(L.LightningModule):
             self.parallelizer(self.model, self.trainer)
 
     def configure_optimizers(self):
+        """The optimizer ``optim.name`` names (``framework.objectives.optimizers``) and one LR schedule that
+        scales every param group's own peak LR (AdamW's and, with optim=muon, Muon's) by ``lr_lambda``."""
         o = self.optim_config
-        groups = param_groups(self.model, o.weight_decay)
         strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
-        kernel = adamw_kernel({p.device.type for g in groups for p in g["params"]}, "DeepSpeed" in strategy)
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kernel)
+        device_types = {p.device.type for p in self.model.parameters() if p.requires_grad}
+        optimizer = build_optimizer(self.model, o, device_types, deepspeed="DeepSpeed" in strategy)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule,
                                               o.decay_fraction, o.decay_shape))

@@ -21,13 +21,15 @@ class ObjectiveConfig:
 
 SCHEDULES = ("cosine", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+OPTIMIZERS = ("adamw", "muon")
+MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW (Loshchilov & Hutter 2019) with linear warmup, then either cosine decay to ``min_lr_ratio * lr``
-    over the rest of the run (``schedule=cosine``) or warmup-stable-decay (``schedule=wsd``, Hägele et al. 2024):
-    the peak LR held constant, then a decay to ``min_lr_ratio * lr`` over the last ``decay_fraction`` of the
+    """AdamW (Loshchilov & Hutter 2019; with ``name=muon``, Muon for the hidden matrices) with linear warmup,
+    then either cosine decay to ``min_lr_ratio * lr`` over the rest of the run (``schedule=cosine``) or
+    warmup-stable-decay (``schedule=wsd``, Hägele et al. 2024): the peak LR held constant, then a decay to ``min_lr_ratio * lr`` over the last ``decay_fraction`` of the
     steps, shaped ``linear``, ``cosine`` or ``1-sqrt`` (the paper's best)."""
 
     lr: float = 3e-4
@@ -39,10 +41,22 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd
     decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying, in (0, 1] (Hägele et al.: 0.2)
     decay_shape: str = "1-sqrt"  # wsd: linear | cosine | 1-sqrt
+    # optimizer: adamw, or muon = Muon (Jordan et al. 2024) for the blocks' 2-D matrices + AdamW (the fields above)
+    # for embeddings, LM head, norms and biases (framework.objectives.optimizers)
+    name: str = "adamw"
+    muon_lr: float = 0.0  # Muon's peak LR before the per-matrix adjustment; 0 = optim.lr
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon's update
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    # match_rms_adamw (Liu et al. 2025): lr * 0.2 sqrt(max(out, in)), update RMS ~ AdamW's, so optim.lr and
+    # weight_decay carry over; original (Jordan et al. 2024): lr * sqrt(max(1, out / in)), wants lr ~ 0.02
+    muon_adjust_lr: str = "match_rms_adamw"
 
 
-def check_optim(optim: OptimConfig, max_steps: int) -> None:
-    """One-sentence ValueError for a schedule that cannot run; called before any data is prepared."""
+def check_optim(optim: OptimConfig, max_steps: int, strategy=None) -> None:
+    """One-sentence ValueError for an optimizer or schedule that cannot run (under ``strategy``, a
+    StrategyConfig, when given); called before any data is prepared."""
+    check_optimizer(optim, strategy)
     if optim.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={optim.schedule!r} is not one of {', '.join(SCHEDULES)}.")
     if optim.schedule == "wsd":
@@ -56,6 +70,27 @@ def check_optim(optim: OptimConfig, max_steps: int) -> None:
                              f"the decay before optim.warmup_steps={optim.warmup_steps} ends; lower one of them.")
     if not 0.0 <= optim.min_lr_ratio <= 1.0:
         raise ValueError(f"optim.min_lr_ratio={optim.min_lr_ratio} must be in [0, 1].")
+
+
+def check_optimizer(optim: OptimConfig, strategy=None) -> None:
+    """``optim.name`` and Muon's settings, and Muon's strategies: DeepSpeed is refused."""
+    if optim.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={optim.name!r} is not one of {', '.join(OPTIMIZERS)}; "
+                         "use optim=adamw or optim=muon.")
+    if optim.name != "muon":
+        return
+    if optim.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
+        raise ValueError(f"optim.muon_adjust_lr={optim.muon_adjust_lr!r} is not one of "
+                         f"{', '.join(MUON_LR_ADJUSTMENTS)}.")
+    if not 0.0 <= optim.muon_momentum < 1.0 or optim.muon_ns_steps < 1 or optim.muon_lr < 0:
+        raise ValueError(f"optim.muon_momentum={optim.muon_momentum} must be in [0, 1), optim.muon_ns_steps="
+                         f"{optim.muon_ns_steps} at least 1 and optim.muon_lr={optim.muon_lr} at least 0.")
+    if strategy is not None and strategy.name == "deepspeed":
+        from framework.distributed.precision import strategy_option
+        from framework.objectives.optimizers import MUON_DEEPSPEED
+
+        raise ValueError(f"optim=muon cannot run under strategy={strategy_option(strategy)}: {MUON_DEEPSPEED}; "
+                         "use strategy=fsdp or strategy=ddp with optim=muon, or optim=adamw with DeepSpeed.")
 
 
 def decay_start(max_steps: int, decay_fraction: float) -> int:
