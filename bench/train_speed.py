@@ -116,17 +116,25 @@ class Options:
     fingerprints: bool = False  # record a checksum of every batch in both runs (tests: the same batches)
     profile_dir: str = ""  # profile the last PROFILE_STEPS warm-up steps of the Lightning run into this folder
     optim: str = "adamw"  # optim.name: adamw, or muon (Muon for the blocks' matrices + AdamW for the rest)
+    document_mask: bool = False  # data.document_mask: attention inside each packed document
+    label: str = ""  # the row's name in the table (gpu_check.sh); "" = the preset
+    document_tokens: int = 0  # mean document length of the random data (an <eos> planted on average this often)
 
 
 # ------------------------------------------------------------------ data: random tokens as a memory-mapped shard
-def random_token_data(directory: Path, tokens: int, vocab_size: int, seed: int = 0) -> PreparedData:
-    """A ``PreparedData`` of ``tokens`` uniform random ids in [105, vocab_size) (no special ids), split 15:1."""
+def random_token_data(directory: Path, tokens: int, vocab_size: int, seed: int = 0,
+                      document_tokens: int = 0) -> PreparedData:
+    """A ``PreparedData`` of ``tokens`` uniform random ids in [105, vocab_size) (no special ids), split 15:1;
+    ``document_tokens`` > 0: documents of geometric length with that mean, each closed by an ``<eos>``."""
     shard_dir = Path(directory) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     val = max(tokens // 16, 4096)
     for name, n in (("train_00000.bin", tokens), ("val_00000.bin", val)):
-        rng.integers(FIRST_REGULAR_ID, vocab_size, n, dtype=np.uint16).tofile(shard_dir / name)
+        ids = rng.integers(FIRST_REGULAR_ID, vocab_size, n, dtype=np.uint16)
+        if document_tokens:
+            ids[rng.random(n) < 1.0 / document_tokens] = SPECIAL.eos
+        ids.tofile(shard_dir / name)
     meta = {"vocab_size": vocab_size, "dtype": "uint16", "tokenizer_hash": f"random-{seed}",
             "shards": {"train": ["train_00000.bin"], "val": ["val_00000.bin"]},
             "special_ids": dataclasses.asdict(SPECIAL)}
@@ -151,7 +159,7 @@ def build_datamodule(module, row: Row, opts: Options, prepared: PreparedData, nu
                      ) -> PretrainDataModule:
     window = type(module).window_length(row.seq_len, module.objective_config)
     workers = opts.num_workers if num_workers is None else num_workers
-    return PretrainDataModule(prepared, window, row.micro_batch, collate_fn=module.collator(), seed=opts.seed,
+    return PretrainDataModule(prepared, window, row.micro_batch, collate_fn=module.collator(opts.document_mask), seed=opts.seed,
                               num_workers=workers, val_windows=row.micro_batch)
 
 
@@ -365,7 +373,8 @@ def bench_row(row: Row, opts: Options, prepared: PreparedData) -> dict:
     peak, _ = peak_for(opts)
     step_s = lightning.step_s
     result = {
-        "model": row.preset, "objective": row.objective, "optim": opts.optim, "params": info["params"], "seq_len": row.seq_len,
+        "model": row.preset, "label": opts.label, "document_mask": opts.document_mask, "objective": row.objective,
+        "optim": opts.optim, "params": info["params"], "seq_len": row.seq_len,
         "target_len": info.get("target_len"), "micro_batch": row.micro_batch, "vocab_size": prepared.vocab_size,
         "padded_vocab_size": cfg.padded_vocab_size, "tokens_per_step": info["tokens_per_step"],
         "tokens_per_sec": info["tokens_per_step"] / step_s, "flops_per_step": info["flops_per_step"],
@@ -403,7 +412,7 @@ def format_table(results: list[dict], opts: Options) -> str:
     for r in results:
         seq = f"{r['seq_len']}/{r['target_len']}" if r.get("target_len") else str(r["seq_len"])
         ratio = r["peak_memory_gb"] / r["planner_memory_gb"] if r["peak_memory_gb"] is not None else None
-        cells = [r["model"], r["objective"], r.get("optim", "adamw"), f"{r['params']:,}", seq, str(r["micro_batch"]),
+        cells = [r.get("label") or r["model"], r["objective"] + (" +docmask" if r.get("document_mask") else ""), r.get("optim", "adamw"), f"{r['params']:,}", seq, str(r["micro_batch"]),
                  f"{r['tokens_per_sec']:,.0f}", _fmt(r["mfu"], ".4f"), f"{r['flops_per_step']:.4e}",
                  f"{r['lightning_step_s'] * 1e3:.2f}", _fmt(r["raw_step_s"] and r["raw_step_s"] * 1e3, ".2f"),
                  _fmt(r["lightning_over_raw"], ".4f"), f"{r['data_wait_fraction']:.4f}",
@@ -438,6 +447,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data-dir", default="", help="where the random-token shard is written (default: a temp dir)")
     parser.add_argument("--profile", default="", help="folder for a torch.profiler trace + top-ops table of the "
                         f"last {PROFILE_STEPS} warm-up steps of each Lightning run (needs --warmup > {PROFILE_STEPS})")
+    parser.add_argument("--label", default="", help="the row's name in the table (default: the model preset)")
+    parser.add_argument("--document-mask", action="store_true", help="data.document_mask=true; the random data get "
+                        "documents of --document-tokens tokens on average")
+    parser.add_argument("--document-tokens", type=int, default=256, help="mean document length with --document-mask")
     parser.add_argument("--optim", default="adamw", choices=("adamw", "muon"),
                         help="optimizer of every row (muon: Muon for the blocks' matrices, AdamW for the rest)")
     parser.add_argument("--table-from", nargs="+", default=[], help="print the table of rows saved by --jsonl, run nothing")
@@ -460,7 +473,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    warmup=args.warmup if args.warmup is not None else (2 if args.tiny else 10),
                    steps=args.steps if args.steps is not None else (4 if args.tiny else 30),
                    num_workers=args.num_workers, peak_flops=args.peak_flops, profile_dir=args.profile,
-                   optim=args.optim)
+                   optim=args.optim, document_mask=args.document_mask, label=args.label,
+                   document_tokens=args.document_tokens if args.document_mask else 0)
     if opts.warmup < 1 or opts.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1 (the window's first edge follows a warm-up step).")
     if opts.profile_dir and opts.warmup <= PROFILE_STEPS:
@@ -480,7 +494,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             vocab = row.vocab_size or (512 if args.tiny else VOCAB[row.objective])
             window = objective_class(row.objective).window_length(row.seq_len, ObjectiveConfig(name=row.objective))
             tokens = 2 * total * row.micro_batch * window + 8 * window  # two epochs' worth never needed; slack
-            prepared = random_token_data(data_root / f"{row.preset}-{row.objective}-{vocab}", tokens, vocab, opts.seed)
+            prepared = random_token_data(data_root / f"{row.preset}-{row.objective}-{vocab}", tokens, vocab, opts.seed,
+                                         opts.document_tokens)
             result = bench_row(row, opts, prepared)
             results.append(result)
             print(format_table([result], opts).splitlines()[-1], flush=True)
