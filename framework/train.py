@@ -38,6 +38,8 @@ from framework.evaluation.icl import evaluate_after_training, load_task
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
 from framework.tracking.loggers import build_loggers, finish_wandb
+from framework.tracking.metrics_log import MetricsLogCallback
+from framework.tracking.run_state import finished_message, finished_metrics
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
@@ -96,12 +98,13 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             cfg.strategy, t.accelerator, cfg.precision.mode, cfg.data.micro_batch_size, t.accumulate_grad_batches,
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
-        callbacks=[checkpointing, ResumeStateCallback(),
-                   *([MixtureTokensLogger()] if mixture else []),
-                   PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
-                                      check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)]
+        callbacks=[checkpointing, ResumeStateCallback(), MetricsLogCallback(),
+                   *([MixtureTokensLogger()] if mixture else [])]
         + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
-           if cfg.callbacks.throughput else []),
+           if cfg.callbacks.throughput else [])
+        # last: the callbacks before it have logged this step's values when it saves (its row goes first)
+        + [PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
+                              check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)],
         plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),
         default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),
@@ -114,10 +117,16 @@ class ConfigurationError(ValueError):
 
 
 def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
-    """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``)."""
+    """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``), or, when
+    a signal stopped the run, ``{"step", "preempted", "requeued", "stop_signal", "exit_status"}``."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    finished = finished_metrics(run_dir, cfg.trainer.max_steps) if cfg.resume == "auto" else None
+    if finished is not None:  # the same command again: change nothing
+        if _is_global_zero():
+            print(finished_message(run_dir, finished))
+        return finished
     try:  # everything a user's settings can get wrong fails here, before any training step
         ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
         if cfg.callbacks.icl_task:
@@ -132,10 +141,17 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     train_loss = trainer.callback_metrics.get("train/loss")
     preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
-    if preemption.preempted:  # checkpoint saved at a step boundary: requeue (SLURM) and skip the final evaluation
+    if not preemption.preempted:  # a signal after the last step boundary (the checkpoint at max_steps exists)
+        preemption.stop_signal = preemption.agree_on_signal(trainer)
+    if preemption.stop_signal is not None:  # checkpoint saved: requeue (SLURM), skip the final evaluation
         finish_wandb(trainer)  # before the requeue: SLURM terminates the job's tasks right after it
         requeued = preemption.requeue(trainer)
-        return {"step": int(trainer.global_step), "preempted": True, "requeued": requeued}
+        status = preemption.exit_status(trainer, requeued)
+        if status and trainer.is_global_zero:
+            print(f"stopped by {preemption.stop_signal.name} at step {trainer.global_step} with a checkpoint in "
+                  f"{run_dir / 'checkpoints'}; run the same command to resume (exit status {status})", file=sys.stderr)
+        return {"step": int(trainer.global_step), "preempted": True, "requeued": requeued,
+                "stop_signal": preemption.stop_signal.name, "exit_status": status}
 
     datamodule.val_windows = 10**9  # the final evaluation covers the whole validation split
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -211,7 +227,10 @@ def _main(cfg: DictConfig) -> float:
     if _is_global_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return run(run_cfg, run_dir).get("val_loss_nats", float("nan"))
+    metrics = run(run_cfg, run_dir)
+    if metrics.get("exit_status"):  # stopped by a signal before the end: 128 + its number (143 for SIGTERM)
+        sys.exit(metrics["exit_status"])
+    return metrics.get("val_loss_nats", float("nan"))
 
 
 if __name__ == "__main__":
