@@ -18,6 +18,7 @@ import pytest
 from conftest import TINY
 from framework.config import to_run_config
 from framework.distributed.checkpoints import find_resume_checkpoint, safe_load
+from framework.tracking.run_state import run_is_finished
 from framework.train import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ OVERRIDES = ["trainer.max_steps=12", "callbacks.checkpoint_every_n_steps=4", "ca
 
 # `python3 -m framework.train` with one test hook: "signal" sends `sig` to itself inside the training step that
 # ends at optimizer step at+1 (after its forward pass); "kill_after_checkpoint" SIGKILLs itself right after
-# last.ckpt of step `at` is written (the last file of that step's checkpoint).
+# last.ckpt of step `at` is written (the last file of that step's checkpoint, before Lightning logs the step).
 RUNNER = """
 import os, signal, sys
 from framework.distributed.checkpoints import AtomicCheckpointIO
@@ -106,17 +107,6 @@ def test_sigterm_checkpoints_at_the_next_step_exits_143_and_resumes_exactly(comp
 
 
 @pytest.mark.slow
-def test_sigint_checkpoints_at_the_next_step_and_exits_130(data_cache, tiny_prepared, tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    proc = _train(run_dir, data_cache, "signal", int(signal.SIGINT), at=2)
-    assert proc.returncode == 130, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert safe_load(run_dir / "checkpoints" / "preempted-step0000003.ckpt")["global_step"] == 3
-    assert [s for s, _ in _train_losses(run_dir)] == list(range(3))
-
-
-@pytest.mark.slow
 def test_kill_right_after_a_checkpoint_loses_no_metrics_row(compose, data_cache, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -130,15 +120,46 @@ def test_kill_right_after_a_checkpoint_loses_no_metrics_row(compose, data_cache,
     _assert_exact_log(run_dir, uninterrupted)
 
 
+def _signal_inside_step(monkeypatch, sig: signal.Signals, at: int) -> None:
+    """In this process: send ``sig`` inside the training step that ends at optimizer step at+1."""
+    from framework.objectives.clm import CausalLM
+
+    step = CausalLM.training_step
+
+    def signalled(self, batch, batch_idx):
+        loss = step(self, batch, batch_idx)
+        if self.trainer.global_step == at:
+            os.kill(os.getpid(), sig)
+        return loss
+
+    monkeypatch.setattr(CausalLM, "training_step", signalled)
+
+
 @pytest.mark.slow
-def test_running_a_finished_run_again_changes_nothing(data_cache, uninterrupted, tmp_path):
+def test_sigint_checkpoints_at_the_next_step_and_asks_for_exit_status_130(compose, tiny_prepared, monkeypatch,
+                                                                         tmp_path):
+    _signal_inside_step(monkeypatch, signal.SIGINT, at=2)
+    handler_before = signal.getsignal(signal.SIGINT)
+    metrics = run(to_run_config(compose(OVERRIDES)), tmp_path)  # main() exits with metrics["exit_status"]
+    assert metrics == {"step": 3, "preempted": True, "requeued": False, "stop_signal": "SIGINT", "exit_status": 130}
+    assert safe_load(tmp_path / "checkpoints" / "preempted-step0000003.ckpt")["global_step"] == 3
+    assert [s for s, _ in _train_losses(tmp_path)] == list(range(3))
+    assert not (tmp_path / "final_metrics.json").exists()
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl+C raises KeyboardInterrupt again
+
+
+@pytest.mark.slow
+def test_running_a_finished_run_again_changes_nothing(compose, uninterrupted, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
-    proc = _train(run_dir, data_cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"already finished (step 12" in proc.stdout and str(run_dir / "final_metrics.json") in proc.stdout
+    capsys.readouterr()
+    metrics = run(to_run_config(compose(OVERRIDES)), run_dir)  # the same command, resume=auto; main() exits 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "already finished (step 12" in out and str(run_dir / "final_metrics.json") in out
+    assert metrics == json.loads((run_dir / "final_metrics.json").read_text()) and "exit_status" not in metrics
+    assert {p for p in run_dir.rglob("*") if p.is_file()} == set(files)
     for path, (content, mtime) in files.items():
-        if path.name != "config.yaml":  # written by the entry point before it looks at the run
-            assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
-    assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 12
+        assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
+    # asked for more steps, the same run is not finished: it resumes from its step-12 checkpoint
+    assert not run_is_finished(run_dir, 16) and run_is_finished(run_dir, 12)
