@@ -25,9 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = ["trainer.max_steps=12", "callbacks.checkpoint_every_n_steps=4", "callbacks.keep_checkpoints=1",
              "trainer.log_every_n_steps=1", "trainer.val_check_interval=100", "data.val_windows=8", "torch_threads=1"]
 
-# `python3 -m framework.train` with one test hook: "signal" sends `sig` to itself inside the training step that
-# ends at optimizer step at+1 (after its forward pass); "kill_after_checkpoint" SIGKILLs itself right after
-# last.ckpt of step `at` is written (the last file of that step's checkpoint, before Lightning logs the step).
+# `python3 -m framework.train` with one test hook: "signal" makes rank 0 send `sig` to itself inside the training
+# step that ends at optimizer step at+1 (after its forward pass); "kill_after_checkpoint" SIGKILLs itself right
+# after last.ckpt of step `at` is written (the last file of that step's checkpoint, before Lightning logs the
+# step). Every process writes its exit status to exit-<local rank>.txt. A file, not `python -c`: Lightning's
+# launcher starts rank 1 by running the same script again.
 RUNNER = """
 import os, signal, sys
 from framework.distributed.checkpoints import AtomicCheckpointIO
@@ -37,7 +39,7 @@ if mode == "signal":
     step = CausalLM.training_step
     def signalled(self, batch, batch_idx):
         loss = step(self, batch, batch_idx)
-        if self.trainer.global_step == at:
+        if self.trainer.global_step == at and self.trainer.global_rank == 0:
             os.kill(os.getpid(), sig)
         return loss
     CausalLM.training_step = signalled
@@ -49,17 +51,24 @@ elif mode == "kill_after_checkpoint":
             os.kill(os.getpid(), signal.SIGKILL)
     AtomicCheckpointIO.save_checkpoint = killed_after
 from framework.train import main
-sys.argv = ["framework.train", *sys.argv[1:]]
-main()
+try:
+    main()
+except SystemExit as exit:
+    with open(f"exit-{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as f:
+        f.write(str(exit.code))
+    raise
 """
 
 
-def _train(run_dir: Path, data_cache: str, mode: str = "none", sig: int = 0, at: int = -1):
-    cli = TINY + [f"data.cache_dir={data_cache}", *OVERRIDES, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}",
-                  "hydra.output_subdir=null"]
+def _train(run_dir: Path, data_cache: str, mode: str, sig: int = 0, at: int = -1, extra: tuple[str, ...] = ()):
+    cli = TINY + [f"data.cache_dir={data_cache}", *OVERRIDES, *extra, f"run_dir={run_dir}",
+                  f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-c", RUNNER.format(mode=mode, sig=sig, at=at), *cli], cwd=run_dir.parent,
-                          env=env, capture_output=True, text=True, timeout=300)
+    env.pop("LOCAL_RANK", None)
+    script = run_dir.parent / "runner.py"
+    script.write_text(RUNNER.format(mode=mode, sig=sig, at=at))
+    return subprocess.run([sys.executable, str(script), *cli], cwd=run_dir.parent, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -118,6 +127,22 @@ def test_kill_right_after_a_checkpoint_loses_no_metrics_row(compose, data_cache,
 
     run(to_run_config(compose(OVERRIDES)), run_dir)
     _assert_exact_log(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_only_stops_both_ddp_ranks_at_the_agreed_step_with_status_143(data_cache, tiny_prepared,
+                                                                                       tmp_path):
+    """Kubernetes signals only the container's first process: rank 1 learns of it through the all-reduce
+    (every ``cluster.preemption_check_every_n_steps`` steps), both save the same checkpoint and exit 143."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = _train(run_dir, data_cache, "signal", int(signal.SIGTERM), at=5,
+                  extra=("trainer.devices=2", "strategy=ddp", "cluster.preemption_check_every_n_steps=4"))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert {p.name: p.read_text() for p in tmp_path.glob("exit-*.txt")} == {"exit-0.txt": "143", "exit-1.txt": "143"}
+    assert safe_load(run_dir / "checkpoints" / "preempted-step0000008.ckpt")["global_step"] == 8  # 5 -> next 4k
+    assert [s for s, _ in _train_losses(run_dir)] == list(range(8))
+    assert "Traceback" not in proc.stderr
 
 
 def _signal_inside_step(monkeypatch, sig: signal.Signals, at: int) -> None:
