@@ -158,7 +158,7 @@ class PreemptionCallback(L.Callback):
             return
         self.stop_signal = self.agree_on_signal(trainer)
         path = self.checkpoint_dir / self.FILENAME.format(step=step)
-        rank_zero_info(f"{self.stop_signal.name} received: saving {path} at step {step} and stopping")
+        rank_zero_info(f"preemption signal received ({self.stop_signal.name}): saving {path} at step {step} and stopping")
         older = [p for p in self.checkpoint_dir.glob("preempted-step*.ckpt") if p != path]
         trainer.should_stop = True  # before the save: Lightning then logs this step's row, written before it
         trainer.save_checkpoint(str(path))  # returns once every rank's part is written
@@ -190,8 +190,8 @@ class PreemptionCallback(L.Callback):
     # ------------------------------------------------------------------ after fit
     def requeue(self, trainer: L.Trainer) -> bool:
         """Rank 0 asks SLURM to requeue this job; True when the job was requeued. Call after ``fit`` returns."""
-        if not (self.preempted and self.requeue_enabled and trainer.is_global_zero and self.stop_signal in self.signals):
-            return False
+        if not (self.stop_signal in self.signals and self.requeue_enabled and trainer.is_global_zero):
+            return False  # not stopped by a requeue signal (the checkpoint is saved when stop_signal is set)
         job_id = slurm_job_id()
         if not job_id:
             rank_zero_info("preempted outside SLURM: checkpoint saved; rerun the same command to resume")
