@@ -39,7 +39,7 @@ from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
 from framework.tracking.loggers import build_loggers, finish_wandb
 from framework.tracking.metrics_log import MetricsLogCallback
-from framework.tracking.run_state import finished_message, finished_metrics
+from framework.tracking.run_state import finished_message, finished_metrics, run_is_finished
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
@@ -224,7 +224,8 @@ def main(cfg: DictConfig) -> float:
 def _main(cfg: DictConfig) -> float:
     run_cfg = to_run_config(cfg)
     run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
-    if _is_global_zero():
+    finished = run_cfg.resume == "auto" and run_is_finished(run_dir, run_cfg.trainer.max_steps)
+    if _is_global_zero() and not finished:  # a finished run keeps the config it ran with; run() says it is done
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     metrics = run(run_cfg, run_dir)

@@ -158,8 +158,8 @@ class PreemptionCallback(L.Callback):
             return
         self.stop_signal = self.agree_on_signal(trainer)
         path = self.checkpoint_dir / self.FILENAME.format(step=step)
-        rank_zero_info(f"preemption signal received ({self.stop_signal.name}): saving {path} at step {step} "
-                       "and stopping")
+        rank_zero_info(f"preemption signal received: saving {path} at step {step} and stopping "
+                       f"({self.stop_signal.name})")
         older = [p for p in self.checkpoint_dir.glob("preempted-step*.ckpt") if p != path]
         trainer.should_stop = True  # before the save: Lightning then logs this step's row, written before it
         trainer.save_checkpoint(str(path))  # returns once every rank's part is written
