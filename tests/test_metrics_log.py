@@ -66,6 +66,18 @@ def test_a_restarted_logger_drops_rows_after_the_checkpoint_and_keeps_the_header
     assert not os.path.exists(str(path) + ".tmp")
 
 
+def test_a_row_cut_short_by_a_kill_is_dropped_on_restart(tmp_path):
+    _logged(tmp_path, [(s, {"train/loss": 10.0 - s, "epoch": 0}) for s in range(3)])
+    path = tmp_path / "csv" / "metrics.csv"
+    with open(path, "a") as f:
+        f.write("0,3,6.")  # the start of step 3's row, then the process was killed
+    ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="").drop_rows_from(4)
+    assert [r["step"] for r in _rows(path)] == ["0", "1", "2"]
+    path.write_text(path.read_text() + "0,3\n")  # a line with fewer fields than the header
+    ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="").drop_rows_from(4)
+    assert [r["step"] for r in _rows(path)] == ["0", "1", "2"]
+
+
 # ---------------------------------------------------------------------------------------------- in a Trainer
 class _Signalled(L.LightningModule):
     """Logs its loss every step; sends itself ``sig`` inside the training step that ends at step ``at`` + 1."""

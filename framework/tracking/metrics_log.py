@@ -20,6 +20,7 @@ step s - 1, and a run resumed from it logs steps s, s + 1, ...
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Any
@@ -64,14 +65,17 @@ class _AppendingCSVWriter(ExperimentWriter):
         self._replace(fieldnames, rows)
 
     def drop_rows_from(self, step: int) -> None:
-        """Remove the rows (buffered or written) whose step is ``step`` or later."""
+        """Remove the rows (buffered or written) whose step is ``step`` or later, and a last line that a kill
+        (or a full disk) cut short: it has no newline at its end or fewer fields than the header."""
         self.metrics = [m for m in self.metrics if int(m["step"]) < step]
         if not os.path.isfile(self.metrics_file_path):
             return
         with open(self.metrics_file_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [r for r in rows if r.get("step") and int(float(r["step"])) < step]
-        if len(kept) < len(rows):
+            text = f.read()
+        complete = text[:text.rfind("\n") + 1]
+        rows = list(csv.DictReader(io.StringIO(complete)))
+        kept = [r for r in rows if None not in r.values() and r.get("step") and int(float(r["step"])) < step]
+        if len(kept) < len(rows) or len(complete) < len(text):
             self._replace(self.metrics_keys, kept)
 
     def _replace(self, fieldnames: list[str], rows: list[dict]) -> None:
