@@ -48,6 +48,8 @@ from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
 from framework.objectives.config import check_optim
 from framework.tracking.loggers import build_loggers, finish_wandb
+from framework.tracking.metrics_log import MetricsLogCallback
+from framework.tracking.run_state import finished_message, finished_metrics, run_is_finished
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
@@ -108,14 +110,15 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             cfg.strategy, t.accelerator, cfg.precision.mode, cfg.data.micro_batch_size, t.accumulate_grad_batches,
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
-        callbacks=[checkpointing, ResumeStateCallback(), ShardedChecksums(),
-                   *([MixtureTokensLogger()] if mixture else []),
-                   PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
-                                      check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)]
+        callbacks=[checkpointing, ResumeStateCallback(), ShardedChecksums(), MetricsLogCallback(),
+                   *([MixtureTokensLogger()] if mixture else [])]
         + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
            if cfg.callbacks.throughput else [])
         + ([SpikeGuard(run_dir, guard.window, guard.sigma, guard.min_history, guard.max_consecutive)]
-           if guard.enabled else []),
+           if guard.enabled else [])
+        # last: the callbacks before it have logged this step's values when it saves (its row goes first)
+        + [PreemptionCallback(ckpt_dir, signals=tuple(cfg.cluster.requeue_signals),
+                              check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)],
         plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),
         default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),
@@ -138,7 +141,8 @@ def _run_lock(run_dir: Path):
 
 
 def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
-    """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``)."""
+    """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``), or, when
+    a signal stopped the run, ``{"step", "preempted", "requeued", "stop_signal", "exit_status"}``."""
     run_dir = Path(run_dir).resolve()
     with _run_lock(run_dir):  # before anything is written into run_dir
         return _run(cfg, run_dir)
@@ -147,6 +151,11 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
 def _run(cfg: TrainConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    finished = finished_metrics(run_dir, cfg.trainer.max_steps) if cfg.resume == "auto" else None
+    if finished is not None:  # the same command again: change nothing
+        if _is_global_zero():
+            print(finished_message(run_dir, finished))
+        return finished
     try:  # everything a user's settings can get wrong fails here, before any training step
         check_optim(cfg.optim, cfg.trainer.max_steps, cfg.strategy)
         if cfg.callbacks.spike_guard.enabled:
@@ -167,7 +176,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
         raise ConfigurationError(str(err).strip("'\"")) from err
     if ckpt_path and trainer.is_global_zero:
         print(f"{'cooldown branch from' if branching else 'resuming from'} {ckpt_path}")
-    if trainer.is_global_zero:  # the run directory is self-contained for fw-generate and the ICL command
+    if trainer.is_global_zero:  # the run directory is self-contained for fw-generate and fw-eval
         shutil.copyfile(prepared.tokenizer_path, run_dir / "tokenizer.json")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     guard = next((c for c in trainer.callbacks if isinstance(c, SpikeGuard)), None)
@@ -186,10 +195,17 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
         return _run(dataclasses.replace(cfg, resume=str(target)), run_dir)
     train_loss = trainer.callback_metrics.get("train/loss")
     preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCallback))
-    if preemption.preempted:  # checkpoint saved at a step boundary: requeue (SLURM) and skip the final evaluation
+    if not preemption.preempted:  # a signal after the last step boundary (the checkpoint at max_steps exists)
+        preemption.stop_signal = preemption.agree_on_signal(trainer)
+    if preemption.stop_signal is not None:  # checkpoint saved: requeue (SLURM), skip the final evaluation
         finish_wandb(trainer)  # before the requeue: SLURM terminates the job's tasks right after it
         requeued = preemption.requeue(trainer)
-        return {"step": int(trainer.global_step), "preempted": True, "requeued": requeued}
+        status = preemption.exit_status(trainer, requeued)
+        if status and trainer.is_global_zero:
+            print(f"stopped by {preemption.stop_signal.name} at step {trainer.global_step} with a checkpoint in "
+                  f"{run_dir / 'checkpoints'}; run the same command to resume (exit status {status})", file=sys.stderr)
+        return {"step": int(trainer.global_step), "preempted": True, "requeued": requeued,
+                "stop_signal": preemption.stop_signal.name, "exit_status": status}
 
     datamodule.val_windows = 10**9  # the final evaluation covers the whole validation split
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -264,9 +280,14 @@ def _main(cfg: DictConfig) -> float:
     run_cfg = to_run_config(cfg)
     run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
     with _run_lock(run_dir):  # a second job with this name is refused before it overwrites config.yaml
-        if _is_global_zero():
+        finished = run_cfg.resume == "auto" and run_is_finished(run_dir, run_cfg.trainer.max_steps)
+        if _is_global_zero() and not finished:  # a finished run keeps the config it ran with; run() says it is done
+            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        return run(run_cfg, run_dir).get("val_loss_nats", float("nan"))
+        metrics = run(run_cfg, run_dir)
+    if metrics.get("exit_status"):  # stopped by a signal before the end: 128 + its number (143 for SIGTERM)
+        sys.exit(metrics["exit_status"])
+    return metrics.get("val_loss_nats", float("nan"))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,18 @@ in the queue, and the requeued job resumes from the newest complete checkpoint i
 
 Lightning's own SLURM auto-requeue saves its checkpoint inside the signal handler; the train entry
 turns it off (``SLURMEnvironment(auto_requeue=False)``), so Lightning installs no USR1 handler of its own.
+
+SIGTERM (what schedulers and Kubernetes send before SIGKILL) and SIGINT (Ctrl+C) take the same path without
+the requeue: checkpoint at the next step boundary, stop, and exit with ``128 + signal number`` (143 for
+SIGTERM, 130 for SIGINT, the shell's convention), so ``fw-train && fw-export`` does not go on with an
+unfinished model. A second Ctrl+C stops at once (KeyboardInterrupt, no checkpoint). Lightning (2.6) installs
+its own SIGTERM handler in ``Trainer._run`` after the callbacks' ``setup``: it forwards the signal to the
+processes its launcher started, runs a ``dist.broadcast`` inside the handler (a collective only the signalled
+rank joins) and makes the loop raise ``SIGTERMException``, a ``SystemExit`` with status 0. The handlers here
+are installed again in ``on_train_start``, after Lightning's, so Lightning's never runs during training.
+A run whose requeue signal was turned into ``scontrol requeue`` exits 0 on every rank (the job goes on in
+its requeued incarnation; a non-zero task status would make ``srun --kill-on-bad-exit`` kill rank 0 before
+it requeues).
 """
 
 from __future__ import annotations
@@ -30,9 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-DEFAULT_SIGNALS = ("SIGUSR1", "SIGUSR2")
+DEFAULT_SIGNALS = ("SIGUSR1", "SIGUSR2")  # checkpoint, stop and requeue (SLURM)
+STOP_SIGNALS = ("SIGTERM", "SIGINT")  # checkpoint and stop; the process exits 128 + signal number
+
+
+def signal_exit_status(sig: signal.Signals) -> int:
+    """The exit status of a run stopped by ``sig``: 128 + its number, as a shell reports a process killed by it."""
+    return 128 + int(sig)
 
 
 def parse_signal(name: str | int) -> signal.Signals:
@@ -56,40 +75,74 @@ def slurm_job_id() -> str | None:
 
 
 class PreemptionCallback(L.Callback):
-    """On a preemption signal: checkpoint at the next optimizer-step boundary, stop, then requeue (SLURM)."""
+    """On a preemption signal: checkpoint at the next optimizer-step boundary, stop, then requeue (SLURM).
+    ``signals`` requeue the job after the checkpoint; ``stop_signals`` (not also in ``signals``) only stop it."""
 
     FILENAME = "preempted-step{step:07d}.ckpt"
 
     def __init__(self, checkpoint_dir: str | Path, signals: tuple[str | int, ...] = DEFAULT_SIGNALS,
-                 requeue: bool = True, check_every_n_steps: int = 1) -> None:
+                 requeue: bool = True, check_every_n_steps: int = 1,
+                 stop_signals: tuple[str | int, ...] = STOP_SIGNALS) -> None:
         if check_every_n_steps < 1:
             raise ValueError(f"cluster.preemption_check_every_n_steps={check_every_n_steps} must be at least 1.")
         self.checkpoint_dir = Path(checkpoint_dir)
         self.check_every_n_steps = check_every_n_steps
         self.signals = tuple(parse_signal(s) for s in signals)
+        self.stop_signals = tuple(s for s in map(parse_signal, stop_signals) if s not in self.signals)
         self.requeue_enabled = requeue
         self.signal_received = False  # set by the handler, possibly on one rank only
+        self.received: signal.Signals | None = None  # the first signal this process got
+        self.stop_signal: signal.Signals | None = None  # the signal that stopped the run, the same on every rank
         self.preempted = False  # all ranks agreed, the checkpoint is saved and the trainer stopped
         self._previous_handlers: dict[signal.Signals, Any] = {}
         self._last_step = -1
 
     # ------------------------------------------------------------------ signal handling
     def _handler(self, signum: int, frame: Any) -> None:
-        self.signal_received = True  # nothing else: the checkpoint is written at a step boundary
+        # nothing else: the checkpoint is written at a step boundary. A second Ctrl+C stops at once.
+        if signum == signal.SIGINT and self.signal_received:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:  # os.write: print() is not safe inside a handler that may interrupt it
+            os.write(2, b"\nCtrl+C: saving a checkpoint at the next optimizer step, then stopping "
+                        b"(press Ctrl+C again to stop at once, without it)\n")
+        self.received = self.received or signal.Signals(signum)
+        self.signal_received = True
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+    def _install(self) -> None:
+        """Point every handled signal at ``_handler``; the handlers found the first time are kept for teardown."""
+        if threading.current_thread() is not threading.main_thread():
             return
-        for sig in self.signals:
-            self._previous_handlers[sig] = signal.signal(sig, self._handler)
+        for sig in self.signals + self.stop_signals:
+            previous = signal.signal(sig, self._handler)
+            self._previous_handlers.setdefault(sig, previous)
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _restore(self) -> None:
         for sig, previous in self._previous_handlers.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous_handlers = {}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._install()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning skips the teardown hooks when fit raises, and its own teardown, which runs next, restores the
+        # handlers it found (ours): point it at the ones from before ``setup``
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector._original_handlers.update(self._previous_handlers)
+        self._restore()
+
     # ------------------------------------------------------------------ step boundary
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._previous_handlers:
+            self._install()  # again: Lightning's SignalConnector replaced the SIGTERM handler after setup
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and self.signal_received:  # a SIGTERM during the restore reached it too:
+                connector.received_sigterm = False  # its loop would raise SystemExit(0) after our checkpoint
         self._last_step = trainer.global_step  # restored on resume; an optimizer step moves it
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -103,20 +156,43 @@ class PreemptionCallback(L.Callback):
         # every rank reaches this point once per optimizer step, so the collective cannot deadlock
         if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
             return
+        self.stop_signal = self.agree_on_signal(trainer)
         path = self.checkpoint_dir / self.FILENAME.format(step=step)
-        rank_zero_info(f"preemption signal received: saving {path} at step {step} and stopping")
+        rank_zero_info(f"preemption signal received: saving {path} at step {step} and stopping "
+                       f"({self.stop_signal.name})")
         older = [p for p in self.checkpoint_dir.glob("preempted-step*.ckpt") if p != path]
+        trainer.should_stop = True  # before the save: Lightning then logs this step's row, written before it
         trainer.save_checkpoint(str(path))  # returns once every rank's part is written
         for previous in older:
             trainer.strategy.remove_checkpoint(previous)  # rank 0 only
         self.preempted = True
-        trainer.should_stop = True
+
+    def agree_on_signal(self, trainer: L.Trainer) -> signal.Signals | None:
+        """The signal that stops the run, the same on every rank (a collective: every rank calls it): a stop
+        signal any rank received, else a requeue signal any rank received, else None. Ranks get signals at
+        different times or not at all (Kubernetes signals only the container's first process)."""
+        own = torch.tensor(int(self.received or 0), device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(own) if trainer.world_size > 1 else own
+        received = [signal.Signals(n) for n in gathered.flatten().tolist() if n]  # in rank order
+        stops = [s for s in received if s in self.stop_signals]
+        return (stops or received or [None])[0]
+
+    def exit_status(self, trainer: L.Trainer, requeued: bool) -> int:
+        """0 when the run was not stopped by a signal or its job was requeued; else 128 + the signal number.
+        Under SLURM with requeue on, ranks other than 0 exit 0 after a requeue signal: rank 0 decides, and a
+        non-zero task would make ``srun --kill-on-bad-exit`` end rank 0 before its ``scontrol requeue``."""
+        if self.stop_signal is None or requeued:
+            return 0
+        requeue_path = self.stop_signal in self.signals and self.requeue_enabled and slurm_job_id()
+        if requeue_path and not trainer.is_global_zero:
+            return 0
+        return signal_exit_status(self.stop_signal)
 
     # ------------------------------------------------------------------ after fit
     def requeue(self, trainer: L.Trainer) -> bool:
         """Rank 0 asks SLURM to requeue this job; True when the job was requeued. Call after ``fit`` returns."""
-        if not (self.preempted and self.requeue_enabled and trainer.is_global_zero):
-            return False
+        if not (self.stop_signal in self.signals and self.requeue_enabled and trainer.is_global_zero):
+            return False  # not stopped by a requeue signal (the checkpoint is saved when stop_signal is set)
         job_id = slurm_job_id()
         if not job_id:
             rank_zero_info("preempted outside SLURM: checkpoint saved; rerun the same command to resume")

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import netrc
 import os
 import uuid
 from pathlib import Path
 
-from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
 from framework.tracking.config import LoggerConfig
+from framework.tracking.metrics_log import ResumableCSVLogger
 
 
 def wandb_has_credentials() -> bool:
@@ -78,64 +74,6 @@ def wandb_run_id(run_dir: Path, from_checkpoint: str | None = None) -> str:
         pass
     tmp.unlink(missing_ok=True)
     return path.read_text().strip()
-
-
-class _AppendingCSVWriter(ExperimentWriter):
-    """Keeps ``metrics.csv`` when a run restarts (Lightning's writer deletes it). Rows at or after the first
-    step this process logs came from a run killed after its last checkpoint; they are dropped and logged again."""
-
-    def __init__(self, log_dir: str) -> None:
-        super().__init__(log_dir)
-        self._resume_step: int | None = None
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
-
-    def _check_log_dir_exists(self) -> None:
-        pass
-
-    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
-        if self._resume_step is None and step is not None:
-            self._resume_step = step
-            self._drop_rows_from(step)
-        super().log_metrics(metrics_dict, step)
-
-    def _drop_rows_from(self, step: int) -> None:
-        if not os.path.isfile(self.metrics_file_path):
-            return
-        with open(self.metrics_file_path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < step]
-        tmp = self.metrics_file_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
-
-
-class ResumableCSVLogger(CSVLogger):
-    """CSVLogger that appends across restarts of a run and flushes whenever a checkpoint is saved."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
-        return self._experiment
-
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        # rows up to a checkpoint reach the disk before a crash can lose them; the checkpointed step's own
-        # row is logged just after the checkpoint (Lightning logs after on_train_batch_end): flush it then
-        self.save()
-        self._flush_at_next_log = True
-
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        super().log_metrics(metrics, step)
-        if getattr(self, "_flush_at_next_log", False):
-            self._flush_at_next_log = False
-            self.save()
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, wandb_id: str | None = None) -> list:
