@@ -44,6 +44,17 @@ class DataConfig:
     # an existing tokenizer.json to use instead of training one (mixtures share one; continued pretraining
     # must keep its checkpoint's); "" = train one on this source's training split
     tokenizer_path: str = ""
+    # a given tokenizer (tokenizer.json, or a directory saved by transformers) gets the special tokens this
+    # objective needs appended when it lacks them (framework.data.tokenizer.OBJECTIVE_ROLES); conf/train.yaml
+    # sets it from objective.name
+    special_tokens_for: str = "clm"
+    # false: a given tokenizer is used exactly as it is, and one missing a needed special token is refused
+    tokenizer_add_tokens: bool = True
+    # bytes of training text (UTF-8, in source order) the framework's own tokenizer is trained on: BPE learns
+    # merges from word counts, whose ranking is settled long before 1 GB (an 8-32k vocabulary is learnt from
+    # ~1 GB in practice), and the trainer's memory grows with the text it is fed; the embedded corpora
+    # (about 2 and 4 MB) are far below it
+    tokenizer_train_bytes: int = 1_000_000_000
     # preparation
     cache_dir: str = "data_cache"
     num_proc: int = 2
