@@ -42,6 +42,10 @@ class SpecialIds:
     sentinels: tuple[int, ...]  # sentinels[i] is <extra_id_i>
     others: tuple[int, ...] = ()  # the tokenizer's other special tokens (e.g. <|im_start|>): never masked
 
+    def __post_init__(self) -> None:  # lists from JSON (meta.json, checkpoint hparams) become tuples
+        object.__setattr__(self, "sentinels", tuple(self.sentinels))
+        object.__setattr__(self, "others", tuple(self.others))
+
     @property
     def all(self) -> tuple[int, ...]:
         return (self.pad, self.bos, self.eos, self.unk, self.mask) + self.sentinels + self.others
@@ -277,10 +281,22 @@ def extend_tokenizer(base: Tokenizer, texts: Iterable[str], num_new_tokens: int,
 
 def given_tokenizer(path: str | Path, objective: str, add_tokens: bool) -> tuple[Tokenizer, list[str], str]:
     """``data.tokenizer_path`` loaded, with the special tokens ``objective`` needs added when missing:
-    (tokenizer, names added, hash of the file as given)."""
-    tok = load_tokenizer(path)
-    extended, added = add_missing_special_tokens(tok, objective, add_tokens, where=f"the tokenizer at {path}")
-    return extended, added, tokenizer_hash(tok)
+    (tokenizer, names added, hash of the file as given). Kept per process for an unchanged file: a 100k-token
+    tokenizer takes seconds to parse and hash, and preparation asks for it three times (key, tokenizer, meta)."""
+    file = Path(path).expanduser()
+    file = file / TOKENIZER_FILE if file.is_dir() else file
+    stat = file.stat() if file.is_file() else None
+    key = (str(file.resolve()), stat and (stat.st_mtime_ns, stat.st_size), objective, add_tokens)
+    if key not in _GIVEN or stat is None:
+        tok = load_tokenizer(path)
+        extended, added = add_missing_special_tokens(tok, objective, add_tokens, where=f"the tokenizer at {path}")
+        _GIVEN.clear()  # one entry: a process prepares with one tokenizer at a time
+        _GIVEN[key] = (extended, added, tokenizer_hash(tok))
+    extended, added, digest = _GIVEN[key]
+    return extended, list(added), digest
+
+
+_GIVEN: dict[tuple, tuple[Tokenizer, list[str], str]] = {}
 
 
 def given_identity(path: str | Path, objective: str, add_tokens: bool) -> dict:
