@@ -96,6 +96,11 @@ def test_gpt2_clm_shards_are_tiktokens_gpt2_ids(gpt2_ranks, gpt2_dir, tmp_path, 
     stream = np.concatenate([open_tokens(p, prepared.dtype) for p in prepared.shards("train")])
     assert stream.tolist() == expected.tolist()
     assert enc.encode_ordinary("Hello world")[:2] == [15496, 995]  # GPT-2's published ids
+    from framework.callbacks.model_card import describe_data, tokenizer_lines
+
+    card = tokenizer_lines(describe_data(cfg, prepared.meta)["tokenizer"])
+    assert card[0] == f"- tokenizer: given ({gpt2_dir})"
+    assert card[1] == "- special tokens: eos `<eos>` 50256 (added), pad = eos, bos = eos, unk = eos, mask = eos"
 
 
 def _module(prepared, objective: str, family_preset: str):
@@ -203,3 +208,27 @@ def test_bad_tokenizers_are_one_sentence_and_leave_no_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer at"):
         prepare_data(_cfg(tmp_path, tmp_path / "nowhere", "clm", tmp_path), progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_sentencepiece_style_tokens_are_found_by_name_not_added():
+    """A Unigram (SentencePiece-style) tokenizer with T5's <pad> </s> <unk>: those ids are used, only the rest added."""
+    from tokenizers.implementations import SentencePieceUnigramTokenizer
+
+    from framework.data.tokenizer import add_missing_special_tokens, special_ids
+
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(["the licence grants permission to copy, modify and distribute"] * 50, vocab_size=60,
+                           special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    tok = sp._tokenizer
+    pad, eos, unk = (tok.token_to_id(t) for t in ("<pad>", "</s>", "<unk>"))
+    size = tok.get_vocab_size()
+    clm, added = add_missing_special_tokens(tok, "clm", True)
+    assert added == [] and special_ids(clm).eos == eos and special_ids(clm).pad == pad and special_ids(clm).unk == unk
+    mlm, added = add_missing_special_tokens(tok, "mlm", True)
+    ids = special_ids(mlm)
+    assert added == ["<mask>"] and (ids.eos, ids.pad, ids.mask, ids.bos) == (eos, pad, size, eos)
+    t5, added = add_missing_special_tokens(tok, "span_corruption", True)
+    assert len(added) == NUM_SENTINELS and special_ids(t5).sentinels == tuple(range(size, size + NUM_SENTINELS))
+    assert tok.get_vocab_size() == size  # the given tokenizer itself is not modified
+    with pytest.raises(ValueError, match="has no <mask> token that the mlm objective needs"):
+        add_missing_special_tokens(tok, "mlm", False)
