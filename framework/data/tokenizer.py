@@ -91,7 +91,7 @@ def find_roles(tok: Tokenizer) -> dict[str, int]:
 def missing_special_tokens(tok: Tokenizer, objective: str) -> list[str]:
     """The framework names of the tokens ``objective`` needs that ``tok`` lacks (in the order they are added)."""
     if objective not in OBJECTIVE_ROLES:
-        raise ValueError(f"data.objective={objective!r} is not one of {sorted(OBJECTIVE_ROLES)}.")
+        raise ValueError(f"data.special_tokens_for={objective!r} is not one of {sorted(OBJECTIVE_ROLES)}.")
     found = find_roles(tok)
     out = []
     for role in OBJECTIVE_ROLES[objective]:
