@@ -92,13 +92,10 @@ def test_compressed_jsonl_and_saved_datasets_give_the_same_tokens_as_jsonl(tmp_p
     given = replace(base, tokenizer_path=str(reference.tokenizer_path))  # the same ids for every container
     writers = {".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress, ".bz2": bz2.compress,
                ".xz": lzma.compress}
-    for suffix, compress in writers.items():
-        directory = tmp_path / suffix[1:]
-        directory.mkdir()
-        (directory / "corpus.jsonl").with_name("corpus.jsonl" + suffix).write_bytes(compress(raw))
-    for suffix in writers:  # a compressed file in the plain one's place: the same ids, so the same split and shards
-        (plain.parent / f"corpus.jsonl{suffix}").write_bytes((tmp_path / suffix[1:] / f"corpus.jsonl{suffix}").read_bytes())
-        prepared = prepare_data(replace(given, paths=[str(plain.parent / f"corpus.jsonl{suffix}")]), progress=False)
+    for suffix, compress in writers.items():  # beside the plain file: the same ids, so the same split and shards
+        packed = plain.with_name(f"corpus.jsonl{suffix}")
+        packed.write_bytes(compress(raw))
+        prepared = prepare_data(replace(given, paths=[str(packed)]), progress=False)
         for split in ("train", "val"):
             assert [open_tokens(p, prepared.dtype).tolist() for p in prepared.shards(split)] == \
                    [open_tokens(p, reference.dtype).tolist() for p in reference.shards(split)], suffix

@@ -222,7 +222,8 @@ def file_documents(paths: list[str], text_field: str, min_chars: int,
                 if len(text) >= min_chars:
                     yield f"{doc_id}:{i}", text
         else:
-            texts = readers.parquet_texts(path, text_field) if fmt == ".parquet" else readers.arrow_texts(path, text_field)
+            read = readers.parquet_texts if fmt == ".parquet" else readers.arrow_texts
+            texts = read(path, text_field)
             for i, text in enumerate(texts):
                 if text and len(text) >= min_chars:
                     yield f"{doc_id}:{i}", text

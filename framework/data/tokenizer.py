@@ -112,9 +112,9 @@ def add_missing_special_tokens(tok: Tokenizer, objective: str, allowed: bool, wh
         return tok, []
     if not allowed:
         raise ValueError(
-            f"{where} has no {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} token that the {objective} "
-            f"objective needs and data.tokenizer_add_tokens=false forbids adding it: set it true (the token is "
-            "appended after the last id) or use a tokenizer that has it.")
+            f"{where} has no {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} token"
+            f"{'s' if len(names) > 1 else ''} that the {objective} objective needs and data.tokenizer_add_tokens=false "
+            "forbids adding them: set it true (they are appended after the last id) or use a tokenizer that has them.")
     tok = Tokenizer.from_str(tok.to_str())  # a copy: the caller's tokenizer is unchanged
     top = max([*tok.get_vocab(with_added_tokens=True).values(), -1])
     tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
