@@ -10,8 +10,9 @@ logits equal the framework model's (tests/test_export.py checks it in float32):
     encoder_decoder -> T5ForConditionalGeneration (T5 v1.1: gated-silu MLP, relative position bias)
 
 The directory holds ``model.safetensors``, ``config.json`` (with the special token ids), a
-``generation_config.json`` and the run's byte-level BPE tokenizer as a fast tokenizer
-(``tokenizer.json`` + ``tokenizer_config.json``), loadable with ``AutoTokenizer`` and
+``generation_config.json`` and the run's tokenizer (its own BPE, or the given one with any special tokens
+the run added) as a fast tokenizer (``tokenizer.json`` + ``tokenizer_config.json``, special-token names
+as the run resolved them), loadable with ``AutoTokenizer`` and
 ``AutoModelFor{CausalLM,MaskedLM,Seq2SeqLM}.from_pretrained``. The vocabulary is the model's padded
 vocabulary; the padding rows are never produced by the tokenizer.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from framework.callbacks.model_card import card_info_from_checkpoint, write_model_card
-from framework.data.tokenizer import SPECIAL_TOKENS, SpecialIds, load_tokenizer
+from framework.data.tokenizer import SpecialIds, load_tokenizer
 from framework.distributed.checkpoints import read_training_checkpoint
 from framework.models.config import ModelConfig
 
@@ -152,13 +153,19 @@ def hf_state_dict(c: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, t
     return {hf: state[ours].contiguous().clone() for hf, ours in names.items()}
 
 
-def hf_tokenizer(tokenizer_path: str | Path, model_max_length: int):
-    """The run's tokenizer as a transformers fast tokenizer with the framework's special tokens."""
+def hf_tokenizer(tokenizer_path: str | Path, model_max_length: int, special: SpecialIds):
+    """The run's tokenizer (special tokens added for the objective included) as a transformers fast tokenizer
+    whose special-token names are the run's: the tokens at the ids in ``special``. A role aliased to ``<eos>``
+    (a CLM run with GPT-2's tokenizer has no pad or bos of its own) names the eos token, as GPT-2 does; an
+    aliased mask is left unset, since no mask token exists."""
     from transformers import PreTrainedTokenizerFast
 
-    pad, bos, eos, unk, mask, *sentinels = SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(tokenizer_path), pad_token=pad, bos_token=bos,
-                                   eos_token=eos, unk_token=unk, mask_token=mask, extra_special_tokens=sentinels,
+    tok = load_tokenizer(tokenizer_path)
+    names = {role: tok.id_to_token(getattr(special, role)) for role in ("pad", "bos", "eos", "unk", "mask")}
+    if special.mask == special.eos:
+        names.pop("mask")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **{f"{role}_token": n for role, n in names.items()},
+                                   extra_special_tokens=[tok.id_to_token(i) for i in special.sentinels],
                                    model_max_length=model_max_length)
 
 
@@ -190,7 +197,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
     hf_cfg.save_pretrained(out)
     save_file(hf_state_dict(config, state), str(out / "model.safetensors"), metadata={"format": "pt"})
     _generation_config(config, special).save_pretrained(out)
-    hf_tokenizer(tokenizer_path, config.max_seq_len).save_pretrained(out)
+    hf_tokenizer(tokenizer_path, config.max_seq_len, special).save_pretrained(out)
     (out / "framework_export.json").write_text(json.dumps({
         "checkpoint": str(Path(checkpoint).resolve()), "family": config.family, "architecture": architecture,
         "auto_class": auto_class, "objective": hparams.get("objective", {}).get("name"),

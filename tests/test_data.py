@@ -108,9 +108,11 @@ def test_a_given_tokenizer_is_used_not_retrained(tiny_prepared, tmp_path):
     bad = tmp_path / "plain.json"
     from tokenizers import Tokenizer, models
     Tokenizer(models.BPE()).save(str(bad))
-    with pytest.raises(ValueError, match="special tokens"):
+    with pytest.raises(ValueError, match="has no <eos> token that the clm objective needs"):  # nothing may be added
         prepare_data(DataConfig(source="files", paths=[str(tmp_path / "a.jsonl")], tokenizer_path=str(bad),
-                                cache_dir=str(tmp_path / "cache2"), num_proc=1, val_fraction=0.2), progress=False)
+                                cache_dir=str(tmp_path / "cache2"), num_proc=1, val_fraction=0.2,
+                                tokenizer_add_tokens=False), progress=False)
+    assert not (tmp_path / "cache2").exists() or not list((tmp_path / "cache2").rglob("meta.json"))
 
 
 def test_bad_data_settings_are_refused_with_clear_errors(tmp_path):

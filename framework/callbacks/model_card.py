@@ -77,7 +77,32 @@ def describe_data(data_cfg: Any, meta: dict | None = None) -> dict:
         out["max_documents"] = data_cfg.max_documents
     if meta:
         out.update(documents=meta.get("documents"), corpus_tokens=meta.get("tokens"), vocab_size=meta.get("vocab_size"))
+        given = getattr(data_cfg, "tokenizer_path", "")
+        out["tokenizer"] = {"kind": f"given ({given})" if given else "byte-level BPE trained on the training split",
+                            "special_tokens": meta.get("special_tokens")}
     return out
+
+
+def tokenizer_lines(tokenizer: dict | None) -> list[str]:
+    """The card's tokenizer lines: where it came from and each special token's id (and whether the run added it)."""
+    if not tokenizer:
+        return []
+    lines = [f"- tokenizer: {tokenizer.get('kind', 'not recorded')}"]
+    st = tokenizer.get("special_tokens")
+    if st:
+        cells = []
+        for role in ("eos", "pad", "bos", "unk", "mask"):
+            entry = st.get(role)
+            if entry and entry.get("aliased_to_eos"):
+                cells.append(f"{role} = eos")
+            elif entry:
+                cells.append(f"{role} `{entry['token']}` {entry['id']}" + (" (added)" if entry.get("added") else ""))
+        if st.get("sentinels"):
+            s = st["sentinels"]
+            cells.append(f"{s['count']} sentinels `<extra_id_N>` {s['first_id']}..{s['last_id']}"
+                         + (f" ({s['added']} added)" if s.get("added") else ""))
+        lines.append("- special tokens: " + ", ".join(cells))
+    return lines
 
 
 def _fmt(x: Any, spec: str = ",") -> str:
@@ -105,7 +130,7 @@ def render_model_card(info: ModelCardInfo, usage: str | None = None) -> str:
         f"- {ARCHITECTURES.get(family, family)}",
         f"- {layers}, d_model {c['d_model']}, {c['n_heads']} attention heads ({c.get('n_kv_heads') or c['n_heads']} "
         f"key/value heads) of dimension {c.get('head_dim')}, SwiGLU hidden size {c.get('d_ff')}",
-        f"- vocabulary {_fmt(c.get('vocab_size'))} tokens (byte-level BPE; embedding padded to "
+        f"- vocabulary {_fmt(c.get('vocab_size'))} tokens (embedding padded to "
         f"{_fmt(_padded(c))}), {'tied' if c.get('tie_embeddings') else 'untied'} input/output embeddings, "
         f"context up to {c.get('max_seq_len')} tokens",
         f"- **parameters: {info.parameters:,}** (exact count, embeddings included)",
@@ -113,6 +138,7 @@ def render_model_card(info: ModelCardInfo, usage: str | None = None) -> str:
         "## Training data",
         "",
         f"- source: {d.get('description', d.get('source', 'not recorded'))}",
+        *tokenizer_lines(d.get("tokenizer")),
         f"- sequence length: {_fmt(d.get('seq_len'))} tokens",
         f"- **tokens seen: {_fmt(d.get('tokens_seen'))}**"
         + (f" (prepared corpus: {_fmt((d.get('corpus_tokens') or {}).get('train'))} training tokens)"

@@ -27,8 +27,9 @@ class SourceSpec:
 @dataclass
 class DataConfig:
     # Where the text comes from: "stdlib" (embedded: the Python standard library's docstrings and
-    # pydoc topics, present wherever Python is), "files" (``paths``: .txt / .jsonl / .json / .parquet,
-    # globs allowed) or "hub" (a ``datasets`` hub name in ``hub_name``).
+    # pydoc topics, present wherever Python is), "files" (``paths``: .txt / .md / .jsonl / .json / .parquet, text
+    # and JSON optionally .gz/.zst/.bz2/.xz, directories of them or written by datasets' save_to_disk, globs
+    # allowed) or "hub" (a ``datasets`` hub name in ``hub_name``, or a local save_to_disk / Parquet directory).
     source: str = "stdlib"
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
@@ -38,12 +39,27 @@ class DataConfig:
     streaming: bool = False
     max_documents: int = 0  # 0 = all
     min_document_chars: int = 40
+    # a .txt/.md file is cut into documents of at most this many characters: blank-line-separated paragraphs
+    # grouped in order, a longer paragraph cut at whitespace (framework.data.readers.text_documents), so one big
+    # file (a book, a dump) gives the validation split documents; ~2.5k tokens, a long web page
+    text_document_chars: int = 10_000
     val_fraction: float = 0.04  # held-out documents, chosen by a stable hash of the document id
     # tokenizer (byte-level BPE trained on the training split)
     vocab_size: int = 8192
     # an existing tokenizer.json to use instead of training one (mixtures share one; continued pretraining
     # must keep its checkpoint's); "" = train one on this source's training split
     tokenizer_path: str = ""
+    # a given tokenizer (tokenizer.json, or a directory saved by transformers) gets the special tokens this
+    # objective needs appended when it lacks them (framework.data.tokenizer.OBJECTIVE_ROLES); conf/train.yaml
+    # sets it from objective.name
+    special_tokens_for: str = "clm"
+    # false: a given tokenizer is used exactly as it is, and one missing a needed special token is refused
+    tokenizer_add_tokens: bool = True
+    # bytes of training text (UTF-8, in source order) the framework's own tokenizer is trained on: BPE learns
+    # merges from word counts, whose ranking is settled long before 1 GB (an 8-32k vocabulary is learnt from
+    # ~1 GB in practice), and the trainer's memory grows with the text it is fed; the embedded corpora
+    # (about 2 and 4 MB) are far below it
+    tokenizer_train_bytes: int = 1_000_000_000
     # preparation
     cache_dir: str = "data_cache"
     num_proc: int = 2

@@ -107,7 +107,7 @@ class PreparedMixture(PreparedView):
 def mixture_key(cfg: DataConfig, names: list[str]) -> str:
     """Identifies the shared tokenizer: the sources' texts, the tokenizer settings and curation (when on)."""
     identity = {"sources": {n: source_fingerprint(source_config(cfg, n)) for n in sorted(names)},
-                "tokenizer": tk.tokenizer_settings(cfg.vocab_size), "format": FORMAT_VERSION}
+                "tokenizer": tk.tokenizer_settings(cfg.vocab_size, cfg.tokenizer_train_bytes), "format": FORMAT_VERSION}
     if cfg.curation.enabled:
         identity["curation"] = dataclasses.asdict(cfg.curation)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
@@ -132,8 +132,9 @@ def _shared_tokenizer(cfg: DataConfig, names: list[str], progress: bool) -> Path
                 curation = curate(iter_documents(source), cfg.curation) if cfg.curation.enabled else None
                 yield from _train_texts(source, None, curation)
 
-        tok = tk.train_tokenizer(union(), cfg.vocab_size)
-        tk.save_tokenizer(tok, directory, {**tk.tokenizer_settings(cfg.vocab_size), "sources": sorted(names)})
+        tok = tk.train_tokenizer(tk.bounded_texts(union(), cfg.tokenizer_train_bytes), cfg.vocab_size)
+        tk.save_tokenizer(tok, directory, {**tk.tokenizer_settings(cfg.vocab_size, cfg.tokenizer_train_bytes),
+                                           "sources": sorted(names)})
         if progress:
             print(f"mixture tokenizer: byte-level BPE, {tok.get_vocab_size()} tokens from {len(names)} sources, "
                   f"trained in {time.time() - t0:.1f}s -> {path}")
@@ -155,6 +156,7 @@ def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
         "tokenizer_hash": first["tokenizer_hash"],
         "vocab_size": first["vocab_size"],
         "special_ids": first["special_ids"],
+        "special_tokens": first.get("special_tokens"),
         "dtype": first["dtype"],
         "documents": {s: sum(p.meta["documents"][s] for p in parts.values()) for s in ("train", "val")},
         "tokens": {s: sum(p.meta["tokens"][s] for p in parts.values()) for s in ("train", "val")},
@@ -163,7 +165,8 @@ def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
                         **{k: parts[n].meta[k] for k in ("documents", "tokens", "val_unigram_entropy_nats")}}
                     for n in names},
     }
-    return PreparedMixture(names, [weights[n] for n in names], parts, tokenizer_path, meta)
+    # the sources' copy: a given tokenizer there has the special tokens the objective needed appended
+    return PreparedMixture(names, [weights[n] for n in names], parts, parts[names[0]].tokenizer_path, meta)
 
 
 def source_stream(name: str) -> int:

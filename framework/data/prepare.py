@@ -93,9 +93,9 @@ def _file_lock(path: Path):
 
 def _tokenizer_identity(cfg: DataConfig) -> dict:
     """The given tokenizer's content hash, or the settings a new one is trained with."""
-    if cfg.tokenizer_path:
-        return {"given": tk.tokenizer_hash(tk.load_tokenizer(cfg.tokenizer_path))}
-    return tk.tokenizer_settings(cfg.vocab_size)
+    if cfg.tokenizer_path:  # (tokenizer helper) hash as given, plus the special tokens added for the objective
+        return tk.given_identity(cfg.tokenizer_path, cfg.special_tokens_for, cfg.tokenizer_add_tokens)
+    return tk.tokenizer_settings(cfg.vocab_size, cfg.tokenizer_train_bytes)
 
 
 def data_key(cfg: DataConfig) -> str:
@@ -134,18 +134,24 @@ def _train_texts(cfg: DataConfig, bar: tqdm | None, curation: CurationResult | N
 def _tokenizer(cfg: DataConfig, directory: Path, progress: bool, curation: CurationResult | None = None):
     path = directory / tk.TOKENIZER_FILE
     settings_path = directory / "tokenizer_settings.json"
-    if cfg.tokenizer_path:  # a given tokenizer: copied beside the shards, so the prepared directory is self-contained
-        tok = tk.load_tokenizer(cfg.tokenizer_path)
-        tk.special_ids(tok)  # refuses a tokenizer without the framework's special tokens
-        tk.save_tokenizer(tok, directory, {"kind": "given", "source": str(cfg.tokenizer_path),
-                                           "hash": tk.tokenizer_hash(tok)})
+    if cfg.tokenizer_path:  # a given tokenizer, with the special tokens the objective needs appended when missing:
+        # saved beside the shards (the extended one), so the prepared directory is self-contained
+        tok, added, digest = tk.given_tokenizer(cfg.tokenizer_path, cfg.special_tokens_for, cfg.tokenizer_add_tokens)
+        tk.save_tokenizer(tok, directory, {"kind": "given", "source": str(cfg.tokenizer_path), "hash": digest,
+                                           "objective": cfg.special_tokens_for, "added": added})
+        if progress and added:
+            print(f"tokenizer: {cfg.tokenizer_path} ({tok.get_vocab_size()} tokens after adding {len(added)} special "
+                  f"tokens the {cfg.special_tokens_for} objective needs: {', '.join(added[:4])}"
+                  f"{' ...' if len(added) > 4 else ''})")
         return tok
-    settings = tk.tokenizer_settings(cfg.vocab_size)
+    settings = tk.tokenizer_settings(cfg.vocab_size, cfg.tokenizer_train_bytes)
     if path.exists() and settings_path.exists() and json.loads(settings_path.read_text()) == settings:
         return tk.load_tokenizer(path)  # same corpus (the directory key) and same settings: reuse
     t0 = time.time()
     bar = tqdm(desc="training tokenizer (documents read)", unit="doc", disable=not progress, mininterval=2.0)
-    tok = tk.train_tokenizer(_train_texts(cfg, bar, curation), cfg.vocab_size)
+    # a bounded sample: the first data.tokenizer_train_bytes of training text in source order
+    tok = tk.train_tokenizer(tk.bounded_texts(_train_texts(cfg, bar, curation), cfg.tokenizer_train_bytes),
+                             cfg.vocab_size)
     bar.close()
     tk.save_tokenizer(tok, directory, settings)
     if progress:
@@ -288,6 +294,7 @@ def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool,
         "tokenizer_settings": _tokenizer_identity(cfg),
         "vocab_size": vocab,
         "special_ids": asdict(specials),
+        "special_tokens": tk.recorded_special_tokens(directory, tok),  # (tokenizer helper) role -> token, id, added
         "dtype": dtype.name,
         "documents": docs,
         "tokens": {s: w.tokens for s, w in writers.items()},

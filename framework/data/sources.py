@@ -11,13 +11,15 @@ import ast
 import functools
 import glob
 import hashlib
-import json
+import itertools
 import os
 import sys
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from framework.data import readers
 from framework.data.config import DataConfig
 
 Document = tuple[str, str]
@@ -132,56 +134,128 @@ def license_fingerprint(common_dir: str = COMMON_LICENSES, doc_dir: str = PACKAG
 
 # --------------------------------------------------------------------------- local files
 def _expand(paths: list[str]) -> list[Path]:
+    """Every corpus file the patterns name, in order: a pattern's matches sorted; a directory's files sorted (only
+    those of a known format, ``readers.FORMATS`` possibly compressed; a ``save_to_disk`` directory: its Arrow
+    files in row order)."""
     out: list[Path] = []
     for pattern in paths:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
             raise FileNotFoundError(
-                f"data.paths entry {pattern!r} matches no file; give existing .txt/.jsonl/.json/.parquet paths or globs."
+                f"data.paths entry {pattern!r} matches no file; give existing .txt/.md/.jsonl/.json/.parquet files "
+                "(.gz/.zst/.bz2/.xz allowed), directories of them, or globs."
             )
         for m in matches:
             p = Path(m)
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+            if readers.is_saved_dataset(p):
+                out.extend(readers.saved_dataset_files(p))
+            elif p.is_dir():
+                found = sorted(q for q in p.rglob("*") if q.is_file() and readers.split_name(q)[0] in readers.FORMATS
+                               and not q.name.startswith("."))
+                if not found:
+                    raise ValueError(f"directory {p} holds no corpus files (.txt, .md, .jsonl, .json, .parquet, "
+                                     "optionally .gz/.zst/.bz2/.xz, or a datasets save_to_disk directory); "
+                                     "point data.paths at the files.")
+                out.extend(found)
+            else:
+                out.append(p)
     return out
 
 
-def file_documents(paths: list[str], text_field: str, min_chars: int) -> Iterator[Document]:
-    for path in _expand(paths):
-        suffix = path.suffix.lower()
-        if suffix in (".txt", ".md", ".text"):
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if len(text) >= min_chars:
-                yield f"file:{path}", text
-        elif suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as f:
-                rows = (json.loads(line) for line in f if line.strip()) if suffix == ".jsonl" else iter(json.load(f))
-                for i, row in enumerate(rows):
-                    text = _field(row, text_field, path)
-                    if len(text) >= min_chars:
-                        yield f"file:{path}:{i}", text
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
+def _doc_id(path: Path) -> str:
+    """``file:<path without its compression suffix>``: a corpus and its .gz have the same ids (the same split)."""
+    compression = readers.split_name(path)[1]
+    return f"file:{str(path)[: -len(compression)] if compression else path}"
 
-            table = pq.read_table(path, columns=[text_field])
-            for i, text in enumerate(table.column(text_field).to_pylist()):
-                if text and len(text) >= min_chars:
-                    yield f"file:{path}:{i}", text
+
+def _readable(files: list[Path]) -> list[Path]:
+    """``files`` without the ones that are not UTF-8 text, which are named in one warning that counts them."""
+    keep, skipped = [], []
+    for path in files:
+        fmt = readers.split_name(path)[0]
+        if fmt not in readers.FORMATS:
+            raise ValueError(f"cannot read {path}: data files must be .txt, .md, .jsonl, .json, .parquet "
+                             "(text and JSON optionally .gz/.zst/.bz2/.xz) or a datasets save_to_disk directory.")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty; remove it from data.paths (or its directory).")
+        reason = readers.not_text_reason(path) if fmt in readers.TEXT | readers.JSONL | {".json"} else None
+        (keep if reason is None else skipped).append((path, reason))
+    if skipped:
+        size = sum(p.stat().st_size for p, _ in skipped)
+        names = ", ".join(f"{p} ({why})" for p, why in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        message = (f"skipped {len(skipped)} of {len(files)} corpus files ({size:,} bytes) that are not UTF-8 text: "
+                   f"{names}; convert them to UTF-8 (e.g. iconv -f latin1 -t utf-8) to train on them")
+        if message not in _WARNED:  # once per process: the corpus is read twice (tokenizer, shards)
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=2)
+    if not keep:
+        raise ValueError(f"none of the {len(files)} files in data.paths is UTF-8 text (e.g. {files[0]}); "
+                         "convert them to UTF-8.")
+    return [p for p, _ in keep]
+
+
+_WARNED: set[str] = set()
+
+
+def file_documents(paths: list[str], text_field: str, min_chars: int,
+                   text_document_chars: int = 10_000) -> Iterator[Document]:
+    """Documents of local files: a text file split into documents of at most ``text_document_chars``
+    (``readers.text_documents``), a JSON(L) object or a Parquet/Arrow row one document each."""
+    for path in _readable(_expand(paths)):
+        fmt = readers.split_name(path)[0]
+        doc_id = _doc_id(path)
+        if fmt in readers.TEXT:
+            with readers.open_text(path) as f:
+                pieces = readers.text_documents(f, text_document_chars)
+                first = next(pieces, None)
+                second = next(pieces, None)
+                if second is None:  # the whole file is one document: its id is the file's
+                    if first is not None and len(first) >= min_chars:
+                        yield doc_id, first
+                    continue
+                for k, text in enumerate(itertools.chain([first, second], pieces)):
+                    if len(text) >= min_chars:
+                        yield f"{doc_id}#{k}", text
+        elif fmt in readers.JSONL or fmt == ".json":
+            for i, row in enumerate(readers.json_rows(path)):
+                text = _field(row, text_field, path)
+                if len(text) >= min_chars:
+                    yield f"{doc_id}:{i}", text
         else:
-            raise ValueError(f"cannot read {path}: data files must be .txt, .md, .jsonl, .json or .parquet.")
+            read = readers.parquet_texts if fmt == ".parquet" else readers.arrow_texts
+            texts = read(path, text_field)
+            for i, text in enumerate(texts):
+                if text and len(text) >= min_chars:
+                    yield f"{doc_id}:{i}", text
 
 
 def _field(row: dict, text_field: str, where: Path) -> str:
     if text_field not in row:
         raise KeyError(f"{where}: a record has no field {text_field!r}; set data.text_field to the text column's name.")
-    return row[text_field] or ""
+    text = row[text_field] or ""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {text_field!r} holds a {type(text).__name__}, not text; set data.text_field "
+                         "to the text column's name.")
+    return text
 
 
 # --------------------------------------------------------------------------- datasets hub
 def hub_documents(name: str, config: str, split: str, streaming: bool, text_field: str, min_chars: int,
                   max_documents: int) -> Iterator[Document]:
+    """A ``datasets`` hub name, or a local directory: one written by ``save_to_disk`` (``load_from_disk``) or a
+    folder of Parquet/JSONL files (``load_dataset`` infers the format)."""
     import datasets
 
-    ds = datasets.load_dataset(name, config or None, split=split, streaming=streaming)
+    local = Path(name).expanduser()
+    if readers.is_saved_dataset(local):
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{local} is a saved DatasetDict with splits {list(ds)}; set data.hub_split to one.")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(str(local) if local.is_dir() else name, config or None, split=split,
+                                   streaming=streaming)
     for i, row in enumerate(ds):
         if max_documents and i >= max_documents:
             break
@@ -199,7 +273,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
     elif cfg.source == "files":
         if not cfg.paths:
             raise ValueError("data.source=files needs data.paths=[...] (text, JSONL or Parquet files).")
-        docs = file_documents(list(cfg.paths), cfg.text_field, cfg.min_document_chars)
+        docs = file_documents(list(cfg.paths), cfg.text_field, cfg.min_document_chars, cfg.text_document_chars)
     elif cfg.source == "hub":
         if not cfg.hub_name:
             raise ValueError("data.source=hub needs data.hub_name=<a datasets hub name>.")
@@ -225,6 +299,7 @@ def source_fingerprint(cfg: DataConfig) -> dict:
     elif cfg.source == "files":
         fp["files"] = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in _expand(list(cfg.paths))]
         fp["text_field"] = cfg.text_field
+        fp["text_document_chars"] = cfg.text_document_chars  # how .txt files are split into documents
     elif cfg.source == "hub":
         fp.update(hub_name=cfg.hub_name, hub_config=cfg.hub_config, hub_split=cfg.hub_split, text_field=cfg.text_field)
     return fp
