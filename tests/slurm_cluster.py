@@ -1,14 +1,23 @@
-"""A real single-node SLURM cluster for tests: Debian's slurmctld + slurmd + munge, private to one session.
+"""A real two-node SLURM cluster on one machine for tests: Debian's slurmctld + 2 x slurmd + munge.
 
 The fixture installs the packages when they are missing (apt-get, needs root), starts a private munged
-(own socket) and a controller and node on free ports with state in a fresh directory (job ids start at
-1), and stops all three by pid afterwards. Where SLURM cannot be installed or started the tests skip
-with the reason, which ``pytest -ra`` prints.
+(own socket), a controller and two compute nodes on free ports with state in a fresh directory (job ids
+start at 1), and stops them all by pid afterwards. Where SLURM cannot be installed or started the tests
+skip with the reason, which ``pytest -ra`` prints.
+
+The nodes are two ``slurmd`` started with ``-N <name>``, each listening on its own loopback address
+(127.0.0.2, 127.0.0.3; Linux routes all of 127.0.0.0/8 to ``lo``) and port. Their names, unique to the
+session, are added to /etc/hosts while the cluster runs, because jobs resolve the first node's name
+(``scontrol show hostnames``) into MASTER_ADDR. Both "nodes" share this machine's file system and CPUs;
+each declares ``CPUS_PER_NODE`` CPUs (oversubscribing a small machine) so a 2 x 2-task job and a
+1 x 4-task job fit.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -48,14 +57,19 @@ KillWait=5
 MinJobAge=600
 MailProg=/bin/true
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
-NodeName={host} CPUs={cpus} RealMemory=1000 State=UNKNOWN
+SlurmdLogFile={d}/slurmd-%n.log
+SlurmdParameters=config_overrides
+NodeName=DEFAULT CPUs={cpus} RealMemory=1000 State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+NODE_ADDRESSES = ("127.0.0.2", "127.0.0.3")  # loopback only: nothing outside this machine is reachable
+CPUS_PER_NODE = 4  # declared (SlurmdParameters=config_overrides accepts more than the machine has)
+HOSTS = Path("/etc/hosts")
 
 
 def _free_port() -> int:
@@ -120,6 +134,7 @@ def _stop(pid_files: list[Path], timeout: float = 15.0) -> None:
 class SlurmCluster:
     directory: Path
     env: dict  # os.environ plus SLURM_CONF
+    nodes: list[str]  # node names, in NODE_ADDRESSES order
 
     def run(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
@@ -160,8 +175,39 @@ def _start_daemon(name: str, command: list[str], err_file: Path, env: dict) -> N
         raise RuntimeError(f"{name} failed to start: {err_file.read_text().strip()[-300:]}")
 
 
+def _edit_hosts(edit) -> None:
+    """Rewrite /etc/hosts in place under an flock (it is often a bind mount, so it cannot be replaced)."""
+    with open(HOSTS, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        lines = edit(f.read().splitlines())
+        f.seek(0)
+        f.truncate()
+        f.write("".join(line + "\n" for line in lines))
+
+
+def _hosts_marker(directory: Path) -> str:
+    return f"# fw-slurm-test {directory}"
+
+
+def add_hosts(names: list[str], directory: Path) -> None:
+    marker = _hosts_marker(directory)
+    _edit_hosts(lambda lines: lines + [f"{addr} {name}  {marker}" for addr, name in zip(NODE_ADDRESSES, names)])
+
+
+def remove_hosts(directory: Path) -> None:
+    marker = _hosts_marker(directory)
+    if HOSTS.exists():
+        _edit_hosts(lambda lines: [line for line in lines if not line.endswith(marker)])
+
+
+def node_names(directory: Path) -> list[str]:
+    """Names unique to this cluster (letters only before the index, so SLURM's hostlist reads them as one range)."""
+    token = "".join(random.Random(str(directory)).choices("abcdefghijklmnopqrstuvwxyz", k=6))
+    return [f"fw{token}n{i + 1}" for i in range(len(NODE_ADDRESSES))]
+
+
 def start_cluster(directory: Path) -> SlurmCluster:
-    """Start munged, slurmctld and slurmd with state in ``directory``; raises RuntimeError on failure."""
+    """Start munged, slurmctld and two slurmd with state in ``directory``; raises RuntimeError on failure."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)  # munged (user munge) must reach its socket directory
     munge_dir = directory / "munge"
@@ -174,31 +220,38 @@ def start_cluster(directory: Path) -> SlurmCluster:
                    f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
                    f"--seed-file={munge_dir / 'munged.seed'}"], directory / "munged.err", os.environ)
     (directory / "state").mkdir(exist_ok=True)
-    (directory / "spool").mkdir(exist_ok=True)
+    names = node_names(directory)
+    for name in names:
+        (directory / f"spool-{name}").mkdir(exist_ok=True)
+    add_hosts(names, directory)
+    nodes = "\n".join(f"NodeName={name} NodeAddr={addr} Port={_free_port()}" for name, addr in zip(names, NODE_ADDRESSES))
     conf = directory / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=_free_port(),
                                       slurmd_port=_free_port(), munge_socket=socket_path, d=directory,
-                                      cpus=os.cpu_count() or 1))
+                                      cpus=max(CPUS_PER_NODE, os.cpu_count() or 1), nodes=nodes))
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    for daemon in ("slurmctld", "slurmd"):
-        _start_daemon(daemon, [f"/usr/sbin/{daemon}", "-f", str(conf)], directory / f"{daemon}.err", env)
-    cluster = SlurmCluster(directory=directory, env=env)
+    _start_daemon("slurmctld", ["/usr/sbin/slurmctld", "-f", str(conf)], directory / "slurmctld.err", env)
+    for name in names:
+        _start_daemon(f"slurmd {name}", ["/usr/sbin/slurmd", "-f", str(conf), "-N", name],
+                      directory / f"slurmd-{name}.err", env)
+    cluster = SlurmCluster(directory=directory, env=env, nodes=names)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if cluster.run("sinfo", "-h", "-o", "%T", check=False).strip() == "idle":
+        if cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).split() == ["idle"] * len(names):
             return cluster
         time.sleep(0.2)
-    raise RuntimeError(f"the SLURM node did not become idle; see {directory}/slurmctld.log and slurmd.log")
+    raise RuntimeError(f"the SLURM nodes did not become idle; see {directory}/slurmctld.log and slurmd-*.log")
 
 
 def stop_cluster(directory: Path) -> None:
-    _stop([directory / "slurmd.pid", directory / "slurmctld.pid"])
+    _stop([*directory.glob("slurmd-*.pid"), directory / "slurmctld.pid"])
     _stop([directory / "munge" / "munged.pid"])
+    remove_hosts(directory)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A running single-node SLURM cluster (skips with the reason where SLURM cannot be installed)."""
+    """A running two-node SLURM cluster (skips with the reason where SLURM cannot be installed)."""
     reason = _install()
     if reason:
         pytest.skip(reason)
