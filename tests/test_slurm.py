@@ -28,11 +28,12 @@ pytestmark = [pytest.mark.slurm]
 WANDB_LIGHT = [f"+cluster.env.WANDB__DISABLE_{key}=true" for key in ("STATS", "META", "MACHINE_INFO")]
 
 
-def _overrides(data_cache: str, name: str, *extra: str) -> list[str]:
-    # MASTER_PORT: Lightning derives the port from the job id otherwise, and job ids restart at 1 per cluster
+def _overrides(data_cache: str, name: str, *extra: str, port: int | None = None) -> list[str]:
+    # MASTER_PORT: the batch script derives it from the job id otherwise, and job ids restart at 1 per cluster
+    # (concurrent test sessions on one machine would collide)
     return [*TINY, f"data.cache_dir={data_cache}", f"name={name}", "cluster=slurm", "cluster.devices_per_node=2",
             "cluster.cpus_per_task=1", "cluster.time=00:10:00", "strategy=ddp", "torch_threads=1",
-            f"+cluster.env.PYTHONPATH={REPO}", f"+cluster.env.MASTER_PORT={_free_port()}",
+            f"+cluster.env.PYTHONPATH={REPO}", f"+cluster.env.MASTER_PORT={port or _free_port()}",
             "trainer.log_every_n_steps=1", "data.val_windows=8", *extra]
 
 
