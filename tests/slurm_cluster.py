@@ -1,9 +1,10 @@
 """A real two-node SLURM cluster on one machine for tests: Debian's slurmctld + 2 x slurmd + munge.
 
 The fixture installs the packages when they are missing (apt-get, needs root), starts a private munged
-(own socket), a controller and two compute nodes on free ports with state in a fresh directory (job ids
-start at 1), and stops them all by pid afterwards. Where SLURM cannot be installed or started the tests
-skip with the reason, which ``pytest -ra`` prints.
+(own socket), a controller and two compute nodes on free ports with state in a fresh directory, and stops
+them all by pid afterwards. Where SLURM cannot be installed or started the tests skip with the reason,
+which ``pytest -ra`` prints. Job ids start at a random multiple of 1000 and tasks are told apart by their
+SLURM_CONF (``SlurmCluster.tasks``): several test sessions may run clusters on one machine at once.
 
 The nodes are two ``slurmd`` started with ``-N <name>``, each listening on its own loopback address
 (127.0.0.2, 127.0.0.3; Linux routes all of 127.0.0.0/8 to ``lo``) and port. Their names, unique to the
@@ -34,6 +35,7 @@ DAEMONS = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "/usr/
 
 SLURM_CONF = """\
 ClusterName=fwtest
+FirstJobId={first_job_id}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -68,14 +70,29 @@ NodeName=DEFAULT CPUs={cpus} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 NODE_ADDRESSES = ("127.0.0.2", "127.0.0.3")  # loopback only: nothing outside this machine is reachable
+# a ceiling for one test job (seconds) on a loaded 2-core machine, where a 4-rank job can take minutes;
+# a passing test never waits for it, so it is generous rather than tight
+JOB_TIMEOUT = 900
 CPUS_PER_NODE = 4  # declared (SlurmdParameters=config_overrides accepts more than the machine has)
 HOSTS = Path("/etc/hosts")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A port no socket on this machine is bound to, below Linux's ephemeral range (32768-60999).
+
+    A port from ``bind(0)`` comes from the ephemeral range, where the kernel also picks the local ports of
+    outgoing connections: between the test picking it and a job binding it (seconds, minutes after a
+    requeue) any connection may take it. Random choice keeps concurrent sessions apart."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def _install() -> str | None:
@@ -136,6 +153,22 @@ class SlurmCluster:
     env: dict  # os.environ plus SLURM_CONF
     nodes: list[str]  # node names, in NODE_ADDRESSES order
 
+    def tasks(self, job_id: str) -> list[dict[str, str]]:
+        """The initial environment (plus "pid") of every ``framework.train`` task of a job of this cluster, by rank.
+        All nodes are this machine; SLURM_CONF tells this cluster's tasks from another test session's."""
+        tasks = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+            if (b"framework.train" in cmdline and env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env
+                    and env.get("SLURM_CONF") == self.env["SLURM_CONF"]):
+                tasks.append({**env, "pid": pid})
+        return sorted(tasks, key=lambda env: int(env["SLURM_PROCID"]))
+
     def run(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
         if check and result.returncode != 0:
@@ -152,17 +185,22 @@ class SlurmCluster:
                 fields[key] = value
         return fields
 
+    def poll(self, job_id: str) -> dict[str, str]:
+        """The job's fields; a job requeued and held for its BeginTime (~120 s) is released to start now."""
+        fields = self.job_fields(job_id)
+        if (fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0"
+                and fields.get("Reason") == "BeginTime"):
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        return fields
+
     def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float, release_requeued: bool = True) -> dict:
         """Poll until the job is in one of ``states``; a requeued job held for its BeginTime is released."""
         deadline = time.monotonic() + timeout
         fields: dict = {}
         while time.monotonic() < deadline:
-            fields = self.job_fields(job_id)
+            fields = self.poll(job_id) if release_requeued else self.job_fields(job_id)
             if fields.get("JobState") in states:
                 return fields
-            if (release_requeued and fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0"
-                    and fields.get("Reason") == "BeginTime"):
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.3)
         raise TimeoutError(f"job {job_id} did not reach {states} in {timeout:.0f} s; last seen {fields}")
 
@@ -228,7 +266,8 @@ def start_cluster(directory: Path) -> SlurmCluster:
     conf = directory / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=_free_port(),
                                       slurmd_port=_free_port(), munge_socket=socket_path, d=directory,
-                                      cpus=max(CPUS_PER_NODE, os.cpu_count() or 1), nodes=nodes))
+                                      cpus=max(CPUS_PER_NODE, os.cpu_count() or 1), nodes=nodes,
+                                      first_job_id=random.SystemRandom().randrange(1000, 1_000_000, 1000)))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     _start_daemon("slurmctld", ["/usr/sbin/slurmctld", "-f", str(conf)], directory / "slurmctld.err", env)
     for name in names:

@@ -23,7 +23,7 @@ import torch
 
 from framework.distributed.checkpoints import checkpoint_step, find_resume_checkpoint, is_complete, safe_load
 from framework.submit import submit
-from slurm_cluster import _free_port, slurm_cluster  # noqa: F401  (the fixture)
+from slurm_cluster import JOB_TIMEOUT, _free_port, slurm_cluster  # noqa: F401  (the fixture)
 from test_slurm import _diagnosis, _log, _overrides, _steps_and_losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 40  # long enough to preempt after one periodic checkpoint and kill after the next
 EVERY = 10  # callbacks.checkpoint_every_n_steps
 ATOL = 1e-4
+LIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED")  # a requeue passes COMPLETING, PENDING
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
@@ -42,7 +43,7 @@ def _two_nodes(data_cache: str, name: str, *extra: str, port: int | None = None)
                       "callbacks.model_card=false", *extra, port=port)
 
 
-def _finish(cluster, sub, timeout: float = 420) -> str:
+def _finish(cluster, sub, timeout: float = JOB_TIMEOUT) -> str:
     fields = cluster.wait_for(sub.job_id, ENDED, timeout=timeout)
     assert fields["JobState"] == "COMPLETED", _diagnosis(cluster, sub.run_dir, fields)
     return _log(sub.run_dir)
@@ -52,27 +53,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return dict(_steps_and_losses(run_dir))
 
 
-def _tasks(job_id: str) -> list[dict[str, str]]:
-    """The initial environment of every training task of a job (all "nodes" are this machine)."""
-    tasks = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
-        if b"framework.train" in cmdline and env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env:
-            tasks.append({**env, "pid": pid})
-    return sorted(tasks, key=lambda env: int(env["SLURM_PROCID"]))
-
-
-def _wait_for_checkpoint(cluster, sub, step: int, timeout: float = 300) -> None:
+def _wait_for_checkpoint(cluster, sub, step: int, timeout: float = JOB_TIMEOUT) -> None:
     path = sub.run_dir / "checkpoints" / f"step{step:07d}.ckpt"
     deadline = time.monotonic() + timeout
     while not (path.exists() and is_complete(path)):
-        state = cluster.job_fields(sub.job_id).get("JobState")
-        assert state in ("PENDING", "RUNNING", "REQUEUED"), f"job ended ({state}) before step {step}:\n{_log(sub.run_dir)[-3000:]}"
+        state = cluster.poll(sub.job_id).get("JobState")
+        assert state in LIVE, f"job ended ({state}) before step {step}:\n{_log(sub.run_dir)[-3000:]}"
         assert time.monotonic() < deadline, f"no step-{step} checkpoint in {timeout:.0f} s"
         time.sleep(0.1)
 
@@ -135,7 +121,7 @@ def test_two_node_job_preempted_requeued_killed_and_resumed_exactly(reference_jo
     overrides = _two_nodes(data_cache, "faults", port=port)
     sub = submit(overrides, workdir=tmp_path)
     _wait_for_checkpoint(cluster, sub, EVERY)
-    tasks = _tasks(sub.job_id)
+    tasks = cluster.tasks(sub.job_id)
     _assert_rendezvous(tasks, cluster.nodes, str(port))
     os.kill(int(tasks[3]["pid"]), signal.SIGUSR1)  # one rank of the second node: the ranks agree to stop
 
@@ -146,10 +132,10 @@ def test_two_node_job_preempted_requeued_killed_and_resumed_exactly(reference_jo
     preempted = re.search(r"preemption signal received: saving (\S+) at step (\d+)", log)
     assert preempted and EVERY <= int(preempted.group(2)) < 2 * EVERY, log[-3000:]
     assert f"resuming from {preempted.group(1)}" in log
-    _assert_rendezvous(_tasks(sub.job_id), cluster.nodes, str(port))  # the same rendezvous after the requeue
+    _assert_rendezvous(cluster.tasks(sub.job_id), cluster.nodes, str(port))  # the same rendezvous after the requeue
 
-    os.kill(int(_tasks(sub.job_id)[2]["pid"]), signal.SIGKILL)  # the first task of the second node dies
-    fields = cluster.wait_for(sub.job_id, ENDED, timeout=120, release_requeued=False)
+    os.kill(int(cluster.tasks(sub.job_id)[2]["pid"]), signal.SIGKILL)  # the first task of the second node dies
+    fields = cluster.wait_for(sub.job_id, ENDED, timeout=JOB_TIMEOUT, release_requeued=False)
     assert fields["JobState"] == "FAILED", _diagnosis(cluster, sub.run_dir, fields)  # srun --kill-on-bad-exit
     newest = find_resume_checkpoint(sub.run_dir / "checkpoints")
     assert checkpoint_step(newest) >= 2 * EVERY and checkpoint_step(newest) % EVERY == 0  # a periodic one
