@@ -163,8 +163,11 @@ class SlurmCluster:
                 raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue
+            argv = cmdline.split(b"\0")
+            if not (Path(argv[0].decode(errors="replace")).name.startswith("python") and b"framework.train" in argv):
+                continue  # the batch shell and srun carry SLURM_PROCID=0 and the command line as well
             env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
-            if (b"framework.train" in cmdline and env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env
+            if (env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env
                     and env.get("SLURM_CONF") == self.env["SLURM_CONF"]):
                 tasks.append({**env, "pid": pid})
         return sorted(tasks, key=lambda env: int(env["SLURM_PROCID"]))
