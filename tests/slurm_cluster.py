@@ -265,7 +265,8 @@ def start_cluster(directory: Path) -> SlurmCluster:
     for name in names:
         (directory / f"spool-{name}").mkdir(exist_ok=True)
     add_hosts(names, directory)
-    nodes = "\n".join(f"NodeName={name} NodeAddr={addr} Port={_free_port()}" for name, addr in zip(names, NODE_ADDRESSES))
+    nodes = "\n".join(f"NodeName={name} NodeAddr={addr} Port={_free_port()}"
+                       for name, addr in zip(names, NODE_ADDRESSES))
     conf = directory / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=_free_port(),
                                       slurmd_port=_free_port(), munge_socket=socket_path, d=directory,

@@ -48,7 +48,8 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 def _two_nodes(data_cache: str, name: str, *extra: str, port: int | None = None) -> list[str]:
     """Overrides of a 2 x 2-task job; ``extra`` comes last, so it can change the layout."""
     return _overrides(data_cache, name, "cluster.nodes=2", f"trainer.max_steps={STEPS}",
-                      "trainer.val_check_interval=1000", f"callbacks.checkpoint_every_n_steps={EVERY}", "callbacks.keep_checkpoints=-1",
+                      "trainer.val_check_interval=1000", f"callbacks.checkpoint_every_n_steps={EVERY}",
+                      "callbacks.keep_checkpoints=-1",
                       "cluster.preemption_check_every_n_steps=2", "cluster.socket_ifname=lo",
                       "callbacks.model_card=false", *extra, port=port)
 
@@ -125,7 +126,7 @@ def test_four_ranks_on_two_nodes_match_one_node_and_fsdp2(reference_jobs, cluste
     assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 4  # one shard per rank, both nodes wrote
 
 
-def test_two_node_job_preempted_requeued_killed_and_resumed(reference_jobs, cluster, data_cache, tmp_path):  # noqa: F811
+def test_two_node_job_preempted_requeued_killed_and_resumed(reference_jobs, cluster, data_cache, tmp_path):
     """USR1 on the second node -> checkpoint, requeue, resume; then SIGKILL of a task -> resubmit -> resume."""
     port = _free_port()
     overrides = _two_nodes(data_cache, "faults", port=port)
