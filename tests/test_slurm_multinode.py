@@ -94,7 +94,7 @@ def cluster(slurm_cluster):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def reference_jobs(cluster, data_cache, tiny_prepared, tmp_path_factory):  # noqa: F811
+def reference_jobs(cluster, data_cache, tiny_prepared, tmp_path_factory):
     """Uninterrupted jobs: 2-node DDP (the reference), 1-node 4-rank DDP and 2-node FSDP2, submitted together."""
     workdir = tmp_path_factory.mktemp("multinode")
     subs = {
@@ -106,7 +106,7 @@ def reference_jobs(cluster, data_cache, tiny_prepared, tmp_path_factory):  # noq
     return {name: (sub, _finish(cluster, sub)) for name, sub in subs.items()}
 
 
-def test_four_ranks_on_two_nodes_match_one_node_and_fsdp2(reference_jobs, cluster):  # noqa: F811
+def test_four_ranks_on_two_nodes_match_one_node_and_fsdp2(reference_jobs, cluster):
     (ddp, ddp_log), (one_node, _), (fsdp, fsdp_log) = (reference_jobs[k] for k in ("ddp_2x2", "ddp_1x4", "fsdp_2x2"))
     for log in (ddp_log, fsdp_log):  # the first node hosts the rendezvous; all four ranks joined one group
         assert f"MASTER_ADDR={cluster.nodes[0]} " in log and f"on {cluster.nodes[0][:-1]}[1-2]" in log
