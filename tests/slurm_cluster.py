@@ -230,9 +230,16 @@ def _hosts_marker(directory: Path) -> str:
     return f"# fw-slurm-test {directory}"
 
 
+def _stale(line: str) -> bool:
+    """An entry of a cluster whose directory is gone (its test session was killed before it could clean up)."""
+    _, sep, directory = line.partition(_hosts_marker(Path("")).rstrip(". "))
+    return bool(sep) and not Path(directory.strip()).exists()
+
+
 def add_hosts(names: list[str], directory: Path) -> None:
     marker = _hosts_marker(directory)
-    _edit_hosts(lambda lines: lines + [f"{addr} {name}  {marker}" for addr, name in zip(NODE_ADDRESSES, names)])
+    entries = [f"{addr} {name}  {marker}" for addr, name in zip(NODE_ADDRESSES, names)]
+    _edit_hosts(lambda lines: [line for line in lines if not _stale(line)] + entries)
 
 
 def remove_hosts(directory: Path) -> None:
