@@ -71,6 +71,14 @@ def _sbatch_option(line: str) -> str:
     return line if line.startswith("#SBATCH") else f"#SBATCH {line if line.startswith('-') else '--' + line}"
 
 
+def _socket_ifname(ifname: str) -> str:
+    """Export lines that pin NCCL's and gloo's sockets to one network interface ("" leaves both to choose)."""
+    if not ifname:
+        return "# cluster.socket_ifname unset: NCCL and gloo choose their network interface themselves"
+    name = shlex.quote(ifname)
+    return f"export NCCL_SOCKET_IFNAME={name} GLOO_SOCKET_IFNAME={name}"
+
+
 def render(cfg: TrainConfig, overrides: list[str], run_dir: Path, workdir: Path) -> str:
     """The batch script for this config: slurm/single_node.sbatch or slurm/multi_node.sbatch, filled in."""
     c: ClusterConfig = cfg.cluster
@@ -88,7 +96,7 @@ def render(cfg: TrainConfig, overrides: list[str], run_dir: Path, workdir: Path)
         signal_seconds=c.signal_seconds, requeue_line="#SBATCH --requeue" if c.requeue else "#SBATCH --no-requeue",
         optional_sbatch="\n".join(optional), workdir=shlex.quote(str(workdir)),
         environment="\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items()),
-        setup="\n".join(c.setup), command=shlex.join(command),
+        setup="\n".join(c.setup), command=shlex.join(command), socket_ifname=_socket_ifname(c.socket_ifname),
     )
     template = "single_node.sbatch" if c.nodes == 1 else "multi_node.sbatch"
     return Template((TEMPLATE_DIR / template).read_text()).substitute(values)

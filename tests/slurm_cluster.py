@@ -1,14 +1,24 @@
-"""A real single-node SLURM cluster for tests: Debian's slurmctld + slurmd + munge, private to one session.
+"""A real two-node SLURM cluster on one machine for tests: Debian's slurmctld + 2 x slurmd + munge.
 
 The fixture installs the packages when they are missing (apt-get, needs root), starts a private munged
-(own socket) and a controller and node on free ports with state in a fresh directory (job ids start at
-1), and stops all three by pid afterwards. Where SLURM cannot be installed or started the tests skip
-with the reason, which ``pytest -ra`` prints.
+(own socket), a controller and two compute nodes on free ports with state in a fresh directory, and stops
+them all by pid afterwards. Where SLURM cannot be installed or started the tests skip with the reason,
+which ``pytest -ra`` prints. Job ids start at a random multiple of 1000 and tasks are told apart by their
+SLURM_CONF (``SlurmCluster.tasks``): several test sessions may run clusters on one machine at once.
+
+The nodes are two ``slurmd`` started with ``-N <name>``, each listening on its own loopback address
+(127.0.0.2, 127.0.0.3; Linux routes all of 127.0.0.0/8 to ``lo``) and port. Their names, unique to the
+session, are added to /etc/hosts while the cluster runs, because jobs resolve the first node's name
+(``scontrol show hostnames``) into MASTER_ADDR. Both "nodes" share this machine's file system and CPUs;
+each declares ``CPUS_PER_NODE`` CPUs (oversubscribing a small machine) so a 2 x 2-task job and a
+1 x 4-task job fit.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,6 +35,7 @@ DAEMONS = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "/usr/
 
 SLURM_CONF = """\
 ClusterName=fwtest
+FirstJobId={first_job_id}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -48,20 +59,40 @@ KillWait=5
 MinJobAge=600
 MailProg=/bin/true
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
-NodeName={host} CPUs={cpus} RealMemory=1000 State=UNKNOWN
+SlurmdLogFile={d}/slurmd-%n.log
+SlurmdParameters=config_overrides
+NodeName=DEFAULT CPUs={cpus} RealMemory=1000 State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+NODE_ADDRESSES = ("127.0.0.2", "127.0.0.3")  # loopback only: nothing outside this machine is reachable
+# a ceiling for one test job (seconds) on a loaded 2-core machine, where a 4-rank job can take minutes;
+# a passing test never waits for it, so it is generous rather than tight
+JOB_TIMEOUT = 900
+CPUS_PER_NODE = 4  # declared (SlurmdParameters=config_overrides accepts more than the machine has)
+HOSTS = Path("/etc/hosts")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A port no socket on this machine is bound to, below Linux's ephemeral range (32768-60999).
+
+    A port from ``bind(0)`` comes from the ephemeral range, where the kernel also picks the local ports of
+    outgoing connections: between the test picking it and a job binding it (seconds, minutes after a
+    requeue) any connection may take it. Random choice keeps concurrent sessions apart."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def _install() -> str | None:
@@ -120,6 +151,26 @@ def _stop(pid_files: list[Path], timeout: float = 15.0) -> None:
 class SlurmCluster:
     directory: Path
     env: dict  # os.environ plus SLURM_CONF
+    nodes: list[str]  # node names, in NODE_ADDRESSES order
+
+    def tasks(self, job_id: str) -> list[dict[str, str]]:
+        """The initial environment (plus "pid") of every ``framework.train`` task of a job of this cluster, by rank.
+        All nodes are this machine; SLURM_CONF tells this cluster's tasks from another test session's."""
+        tasks = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            argv = cmdline.split(b"\0")
+            if not (Path(argv[0].decode(errors="replace")).name.startswith("python") and b"framework.train" in argv):
+                continue  # the batch shell and srun carry SLURM_PROCID=0 and the command line as well
+            env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+            if (env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env
+                    and env.get("SLURM_CONF") == self.env["SLURM_CONF"]):
+                tasks.append({**env, "pid": pid})
+        return sorted(tasks, key=lambda env: int(env["SLURM_PROCID"]))
 
     def run(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
@@ -137,17 +188,22 @@ class SlurmCluster:
                 fields[key] = value
         return fields
 
+    def poll(self, job_id: str) -> dict[str, str]:
+        """The job's fields; a job requeued and held for its BeginTime (~120 s) is released to start now."""
+        fields = self.job_fields(job_id)
+        if (fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0"
+                and fields.get("Reason") == "BeginTime"):
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        return fields
+
     def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float, release_requeued: bool = True) -> dict:
         """Poll until the job is in one of ``states``; a requeued job held for its BeginTime is released."""
         deadline = time.monotonic() + timeout
         fields: dict = {}
         while time.monotonic() < deadline:
-            fields = self.job_fields(job_id)
+            fields = self.poll(job_id) if release_requeued else self.job_fields(job_id)
             if fields.get("JobState") in states:
                 return fields
-            if (release_requeued and fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0"
-                    and fields.get("Reason") == "BeginTime"):
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.3)
         raise TimeoutError(f"job {job_id} did not reach {states} in {timeout:.0f} s; last seen {fields}")
 
@@ -160,8 +216,46 @@ def _start_daemon(name: str, command: list[str], err_file: Path, env: dict) -> N
         raise RuntimeError(f"{name} failed to start: {err_file.read_text().strip()[-300:]}")
 
 
+def _edit_hosts(edit) -> None:
+    """Rewrite /etc/hosts in place under an flock (it is often a bind mount, so it cannot be replaced)."""
+    with open(HOSTS, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        lines = edit(f.read().splitlines())
+        f.seek(0)
+        f.truncate()
+        f.write("".join(line + "\n" for line in lines))
+
+
+def _hosts_marker(directory: Path) -> str:
+    return f"# fw-slurm-test {directory}"
+
+
+def _stale(line: str) -> bool:
+    """An entry of a cluster whose directory is gone (its test session was killed before it could clean up)."""
+    _, sep, directory = line.partition(_hosts_marker(Path("")).rstrip(". "))
+    return bool(sep) and not Path(directory.strip()).exists()
+
+
+def add_hosts(names: list[str], directory: Path) -> None:
+    marker = _hosts_marker(directory)
+    entries = [f"{addr} {name}  {marker}" for addr, name in zip(NODE_ADDRESSES, names)]
+    _edit_hosts(lambda lines: [line for line in lines if not _stale(line)] + entries)
+
+
+def remove_hosts(directory: Path) -> None:
+    marker = _hosts_marker(directory)
+    if HOSTS.exists():
+        _edit_hosts(lambda lines: [line for line in lines if not line.endswith(marker)])
+
+
+def node_names(directory: Path) -> list[str]:
+    """Names unique to this cluster (letters only before the index, so SLURM's hostlist reads them as one range)."""
+    token = "".join(random.Random(str(directory)).choices("abcdefghijklmnopqrstuvwxyz", k=6))
+    return [f"fw{token}n{i + 1}" for i in range(len(NODE_ADDRESSES))]
+
+
 def start_cluster(directory: Path) -> SlurmCluster:
-    """Start munged, slurmctld and slurmd with state in ``directory``; raises RuntimeError on failure."""
+    """Start munged, slurmctld and two slurmd with state in ``directory``; raises RuntimeError on failure."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)  # munged (user munge) must reach its socket directory
     munge_dir = directory / "munge"
@@ -174,31 +268,40 @@ def start_cluster(directory: Path) -> SlurmCluster:
                    f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
                    f"--seed-file={munge_dir / 'munged.seed'}"], directory / "munged.err", os.environ)
     (directory / "state").mkdir(exist_ok=True)
-    (directory / "spool").mkdir(exist_ok=True)
+    names = node_names(directory)
+    for name in names:
+        (directory / f"spool-{name}").mkdir(exist_ok=True)
+    add_hosts(names, directory)
+    nodes = "\n".join(f"NodeName={name} NodeAddr={addr} Port={_free_port()}"
+                       for name, addr in zip(names, NODE_ADDRESSES))
     conf = directory / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=_free_port(),
                                       slurmd_port=_free_port(), munge_socket=socket_path, d=directory,
-                                      cpus=os.cpu_count() or 1))
+                                      cpus=max(CPUS_PER_NODE, os.cpu_count() or 1), nodes=nodes,
+                                      first_job_id=random.SystemRandom().randrange(1000, 1_000_000, 1000)))
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    for daemon in ("slurmctld", "slurmd"):
-        _start_daemon(daemon, [f"/usr/sbin/{daemon}", "-f", str(conf)], directory / f"{daemon}.err", env)
-    cluster = SlurmCluster(directory=directory, env=env)
+    _start_daemon("slurmctld", ["/usr/sbin/slurmctld", "-f", str(conf)], directory / "slurmctld.err", env)
+    for name in names:
+        _start_daemon(f"slurmd {name}", ["/usr/sbin/slurmd", "-f", str(conf), "-N", name],
+                      directory / f"slurmd-{name}.err", env)
+    cluster = SlurmCluster(directory=directory, env=env, nodes=names)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if cluster.run("sinfo", "-h", "-o", "%T", check=False).strip() == "idle":
+        if cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).split() == ["idle"] * len(names):
             return cluster
         time.sleep(0.2)
-    raise RuntimeError(f"the SLURM node did not become idle; see {directory}/slurmctld.log and slurmd.log")
+    raise RuntimeError(f"the SLURM nodes did not become idle; see {directory}/slurmctld.log and slurmd-*.log")
 
 
 def stop_cluster(directory: Path) -> None:
-    _stop([directory / "slurmd.pid", directory / "slurmctld.pid"])
+    _stop([*directory.glob("slurmd-*.pid"), directory / "slurmctld.pid"])
     _stop([directory / "munge" / "munged.pid"])
+    remove_hosts(directory)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A running single-node SLURM cluster (skips with the reason where SLURM cannot be installed)."""
+    """A running two-node SLURM cluster (skips with the reason where SLURM cannot be installed)."""
     reason = _install()
     if reason:
         pytest.skip(reason)

@@ -18,7 +18,7 @@ import pytest
 from conftest import TINY
 from framework.distributed.checkpoints import find_resume_checkpoint, is_complete, safe_load
 from framework.submit import compose, submit
-from slurm_cluster import _free_port, slurm_cluster  # noqa: F401  (the fixture)
+from slurm_cluster import JOB_TIMEOUT, _free_port, slurm_cluster  # noqa: F401  (the fixture)
 from test_wandb import read_offline_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,11 +28,12 @@ pytestmark = [pytest.mark.slurm]
 WANDB_LIGHT = [f"+cluster.env.WANDB__DISABLE_{key}=true" for key in ("STATS", "META", "MACHINE_INFO")]
 
 
-def _overrides(data_cache: str, name: str, *extra: str) -> list[str]:
-    # MASTER_PORT: Lightning derives the port from the job id otherwise, and job ids restart at 1 per cluster
+def _overrides(data_cache: str, name: str, *extra: str, port: int | None = None) -> list[str]:
+    # MASTER_PORT: the batch script derives it from the job id otherwise, and job ids restart at 1 per cluster
+    # (concurrent test sessions on one machine would collide)
     return [*TINY, f"data.cache_dir={data_cache}", f"name={name}", "cluster=slurm", "cluster.devices_per_node=2",
-            "cluster.cpus_per_task=1", "cluster.time=00:10:00", "strategy=ddp", "torch_threads=1",
-            f"+cluster.env.PYTHONPATH={REPO}", f"+cluster.env.MASTER_PORT={_free_port()}",
+            "cluster.cpus_per_task=1", "cluster.time=01:00:00", "strategy=ddp", "torch_threads=1",
+            f"+cluster.env.PYTHONPATH={REPO}", f"+cluster.env.MASTER_PORT={port or _free_port()}",
             "trainer.log_every_n_steps=1", "data.val_windows=8", *extra]
 
 
@@ -53,20 +54,6 @@ def _diagnosis(cluster, run_dir: Path, fields: dict) -> str:
     return f"job {fields}\n--- job output\n{_log(run_dir)[-3000:]}\n--- slurmctld.log\n" + "\n".join(ctld)
 
 
-def _task_pid(job_id: str, rank: int) -> int:
-    """The pid of one training task of a job (the node is this machine)."""
-    wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if b"framework.train" in cmdline and wanted <= environ:
-            return int(pid)
-    raise LookupError(f"no rank-{rank} task of job {job_id} on this machine")
-
-
 def _steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
     with open(run_dir / "csv" / "metrics.csv") as f:
         return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
@@ -80,10 +67,18 @@ def test_dry_run_renders_the_batch_script_from_the_config(tmp_path, data_cache):
     assert sub.run_dir == tmp_path / "runs" / "render" and not sub.run_dir.exists()
     for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=2", "#SBATCH --requeue", "#SBATCH --signal=USR1@300",
                  "#SBATCH --open-mode=append", "#SBATCH --partition=gpu", "#SBATCH --account=lm",
-                 "#SBATCH --gpus-per-node=2", "#SBATCH --exclusive", "#SBATCH --time=00:10:00"):
+                 "#SBATCH --gpus-per-node=2", "#SBATCH --exclusive", "#SBATCH --time=01:00:00"):
         assert line in script.splitlines(), line
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "-m framework.train" in srun and "name=render" in srun and "cluster.nodes=3" in srun
+    # the rendezvous is the allocation's first node; NODE_RANK is per task (the script runs on node 0 only)
+    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "export NODE_RANK=$SLURM_NODEID; exec" in srun and "export NODE_RANK" not in script.replace(srun, "")
+    assert script.index("unset RANK") < script.index("export MASTER_PORT=")  # stale values cleared first
+    pinned = submit(_overrides(data_cache, "lo", "cluster.nodes=2", "cluster.socket_ifname=lo"), dry_run=True,
+                    workdir=tmp_path).script
+    assert "export NCCL_SOCKET_IFNAME=lo GLOO_SOCKET_IFNAME=lo" in pinned.splitlines()
+    assert "SOCKET_IFNAME=" not in script.replace("socket_ifname", "")  # unset: NCCL and gloo choose
     # every #SBATCH line precedes the first command, or sbatch would ignore it
     lines = [line for line in script.splitlines() if line.strip()]
     first_command = next(i for i, line in enumerate(lines) if not line.startswith("#"))
@@ -107,7 +102,7 @@ def test_submitit_launcher_config_composes_from_the_cluster_group():
 def test_two_task_ddp_job_runs_through_the_rendered_script(job_env, data_cache, tiny_prepared, tmp_path):
     sub = submit(_overrides(data_cache, "ddp", "trainer.max_steps=6"), workdir=tmp_path)
     assert (sub.run_dir / "job.sbatch").read_text() == sub.script and (sub.run_dir / "config.yaml").exists()
-    fields = job_env.wait_for(sub.job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    fields = job_env.wait_for(sub.job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=JOB_TIMEOUT)
     log = _log(sub.run_dir)
     assert fields["JobState"] == "COMPLETED", _diagnosis(job_env, sub.run_dir, fields)
     assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log  # both srun tasks joined one process group
@@ -124,7 +119,7 @@ def test_usr1_checkpoints_requeues_and_finishes_with_every_step_once(job_env, da
                             *WANDB_LIGHT),
                  workdir=tmp_path)
     ckpt_dir = sub.run_dir / "checkpoints"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + JOB_TIMEOUT
     while not (ckpt_dir / "step0000010.ckpt").exists() or not is_complete(ckpt_dir / "step0000010.ckpt"):
         state = job_env.job_fields(sub.job_id).get("JobState")
         assert state in ("PENDING", "RUNNING"), f"job ended ({state}) before it could be preempted:\n{_log(sub.run_dir)[-3000:]}"
@@ -132,9 +127,9 @@ def test_usr1_checkpoints_requeues_and_finishes_with_every_step_once(job_env, da
         time.sleep(0.1)
     # SLURM sends USR1 to every task signal_seconds before the limit, not all at the same instant; signal only
     # rank 1 here: rank 0 must still stop at the same step (the ranks all-reduce the flag) and requeue the job
-    os.kill(_task_pid(sub.job_id, rank=1), signal.SIGUSR1)
+    os.kill(int(job_env.tasks(sub.job_id)[1]["pid"]), signal.SIGUSR1)
 
-    fields = job_env.wait_for(sub.job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    fields = job_env.wait_for(sub.job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=JOB_TIMEOUT)
     log = _log(sub.run_dir)
     assert fields["JobState"] == "COMPLETED", _diagnosis(job_env, sub.run_dir, fields)
     assert fields["Restarts"] == "1", _diagnosis(job_env, sub.run_dir, fields)  # requeued once, by the job itself

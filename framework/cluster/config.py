@@ -31,6 +31,9 @@ class ClusterConfig:
     # with several ranks, agreeing on a received signal is an all-reduce the host waits for (it drains the GPU's
     # queue), so it happens every N optimizer steps; N x step time must stay well inside signal_seconds
     preemption_check_every_n_steps: int = 10
+    # network interface for NCCL's and gloo's sockets (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME), e.g. "ib0" or
+    # "lo"; "" lets them choose, which on nodes with several interfaces can pick one the other nodes cannot reach
+    socket_ifname: str = ""
     extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. ["--constraint=h100"]
     setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. ["module load cuda/12.4"]
     env: dict[str, str] = field(default_factory=dict)  # exported in the batch script, e.g. {NCCL_DEBUG: WARN}

@@ -9,6 +9,7 @@ resharded after forward (FSDP2 swaps its sharded DTensors back in) and the mesh 
     torchrun --standalone --nproc_per_node=2 fsdp_worker.py <out_dir>
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -91,6 +92,21 @@ def main() -> None:
         result["losses"][name] = train(model, model, local)
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
+    del model, mesh, loss  # the last variant's; shut_down collects them and the earlier ones
+    shut_down()
+
+
+def shut_down() -> None:
+    """Free the FSDP models, wait for the other rank, then destroy every process group, before exit.
+
+    Each FSDP2 variant's modules sit in reference cycles (hooks) that hold the device meshes, their gloo
+    groups and the async collectives' work objects. Left to the interpreter's exit, they can be freed while
+    it is torn down with gloo's worker threads still alive (pytorch#179291 describes the abort that
+    follows), the likely cause of a loaded rank aborting with "terminate called without an active
+    exception". The barrier keeps a rank from closing its sockets while the other still has collectives
+    in flight."""
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

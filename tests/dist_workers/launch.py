@@ -1,4 +1,8 @@
-"""Launching the workers: one run per argument set per pytest session, shared by the test files."""
+"""Launching the workers: one run per argument set per pytest session, shared by the test files.
+
+Timeouts (seconds) are ceilings for a loaded 2-core machine: the FSDP2 variants test took 210-240 s beside
+two busy processes on a 2-core machine shared with other jobs (300 s was the old ceiling); a passing run
+never waits for them."""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def _env() -> dict:
     return env
 
 
-def train(out: Path, overrides: list[str], resume: str | None = None, timeout: int = 300) -> dict:
+def train(out: Path, overrides: list[str], resume: str | None = None, timeout: int = 900) -> dict:
     """Run tests/dist_workers/train_worker.py once per (overrides, resume); returns result.json plus ``out``."""
     key = (tuple(overrides), resume)
     if key not in _done:
@@ -43,7 +47,7 @@ def train(out: Path, overrides: list[str], resume: str | None = None, timeout: i
     return _done[key]
 
 
-def torchrun(script: str, out: Path, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> None:
+def torchrun(script: str, out: Path, *args: str, nproc: int = 2, timeout: int = 900, env: dict | None = None) -> None:
     """Run a tests/dist_workers script under torchrun with ``nproc`` CPU processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(HERE / script), str(out), *args]
