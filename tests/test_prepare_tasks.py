@@ -211,3 +211,42 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_file):
         assert proc.returncode == 0, proc.stderr
         peaks[mb] = peak / 2**20
     assert peaks[8] - peaks[2] < MEMORY_BOUND_MB, peaks
+
+
+FAKE = """#!/bin/bash
+echo "$*" >> "{log}"
+echo $(( $(wc -l < "{log}") + 100 ))
+"""
+
+
+def test_slurm_script_chains_tokenizer_tasks_and_merge(tmp_path):
+    """The submission logic against a stand-in ``sbatch`` (records its arguments, prints a job id) and each
+    stage's command line against a stand-in python (the real chain runs on a cluster)."""
+    log, bin_dir = tmp_path / "sbatch.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", FAKE.format(log=log)), ("python_stub", 'echo "$*"\n')):
+        (bin_dir / name).write_text(body if body.startswith("#!") else "#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    script = str(REPO / "slurm" / "prepare_array.sbatch")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PREPARE_CPUS": "4",
+           "PREPARE_SBATCH_ARGS": "--partition=cpu"}
+    env.pop("FW_PREPARE_STAGE", None)
+    out = subprocess.run(["bash", script, "3", "data.source=files", "data.paths=[/c/*.jsonl]"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "tokenizer job 101, task array 102 (0-2), merge job 103" in out
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3 and all("--partition=cpu" in c and c.endswith("data.source=files data.paths=[/c/*.jsonl]")
+                                   for c in calls)
+    assert "FW_PREPARE_STAGE=tokenizer" in calls[0] and "--dependency" not in calls[0]
+    assert "--array=0-2 --dependency=afterok:101" in calls[1] and "--cpus-per-task=4" in calls[1]
+    assert "--dependency=afterok:102" in calls[2] and "FW_PREPARE_STAGE=merge,FW_PREPARE_NUM_TASKS=3" in calls[2]
+    stage_env = {**env, "PYTHON": str(bin_dir / "python_stub"), "FW_PREPARE_NUM_TASKS": "3",
+                 "SLURM_ARRAY_TASK_ID": "2", "SLURM_CPUS_PER_TASK": "4"}
+    expected = {"tokenizer": "--tokenizer-only data.source=files",
+                "task": "--task-index 2 --num-tasks 3 data.source=files data.num_proc=4",
+                "merge": "--merge --num-tasks 3 data.source=files"}
+    for stage, args in expected.items():
+        line = subprocess.run(["bash", script, "data.source=files"], env={**stage_env, "FW_PREPARE_STAGE": stage},
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert line == f"-m framework.cli prepare {args}"
+    assert subprocess.run(["bash", script, "0"], env=env, capture_output=True).returncode == 2
