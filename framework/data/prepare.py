@@ -284,6 +284,8 @@ def _tokenizer(cfg: DataConfig, directory: Path, progress: bool, curation: Curat
 
 
 def open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    if os.path.getsize(path) == 0:  # mmap refuses an empty file
+        return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
 
 
