@@ -147,6 +147,7 @@ def _assert_one_sentence(proc: subprocess.CompletedProcess, *needles: str) -> No
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow  # two CLI processes, each composing the training config (imports Lightning)
 def test_bad_split_jobs_exit_2_with_one_sentence_and_write_nothing(tmp_path, tokenizer_file, compose):
     from framework.config import to_run_config
 
