@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from framework.data.datamodule import PackedWindows
 from framework.data.prepare import (merge_prepared, open_tokens, prepare_data, prepare_task, prepare_tokenizer,
                                     prepared_directory)
 from framework.data.shards import read_document_starts
-from framework.data.sources import iter_documents, partition_files
+from framework.data.sources import is_validation, iter_documents, partition_files
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the model reads tokens from shards and each task writes its own files while the merge only "
@@ -66,8 +67,9 @@ def _stream(prepared, split: str) -> np.ndarray:
 
 def test_three_tasks_give_the_one_job_windows_in_the_same_order(tmp_path, tokenizer_file):
     corpus = tmp_path / "corpus"
-    write_corpus(corpus, [30, 5, 60, 12, 40, 8])
-    # val_fraction 0.2: every task gets enough validation documents for the document rule (as N=1 does)
+    write_corpus(corpus, [60, 10, 120, 24, 80, 16])
+    # val_fraction 0.2 of ~100 documents per task: every task gets enough validation documents for the
+    # document rule (about 20; fewer than 4 has a probability below 1e-5 whatever the tmp path in the ids)
     one = prepare_data(_cfg(corpus, tmp_path / "one", tokenizer_file, val_fraction=0.2), progress=False)
     cfg = _cfg(corpus, tmp_path / "three", tokenizer_file, num_proc=2, val_fraction=0.2)
     assert prepare_task(cfg, 2, 3, progress=False) is None and prepare_task(cfg, 0, 3, progress=False) is None
@@ -95,8 +97,9 @@ def _document_starts(prepared, split: str) -> np.ndarray:
 
 def test_document_index_points_at_each_document_start(tmp_path, tokenizer_file):
     corpus = tmp_path / "corpus"
-    write_corpus(corpus, [25, 40])
-    prepared = prepare_data(_cfg(corpus, tmp_path / "c", tokenizer_file), progress=False)
+    write_corpus(corpus, [60, 90])
+    prepared = prepare_data(_cfg(corpus, tmp_path / "c", tokenizer_file, val_fraction=0.2), progress=False)
+    assert prepared.meta["tasks"][0]["val_rule"] == "documents"
     eos = prepared.special_ids().eos
     for split in ("train", "val"):
         stream = _stream(prepared, split)
@@ -108,8 +111,15 @@ def test_document_index_points_at_each_document_start(tmp_path, tokenizer_file):
 
 def test_few_long_documents_take_validation_as_a_share_of_tokens(tmp_path, tokenizer_file):
     corpus = tmp_path / "corpus"
-    write_corpus(corpus, [3], words_per_doc=(1500, 1600))  # 3 documents: the hash rule holds out none
-    prepared = prepare_data(_cfg(corpus, tmp_path / "c", tokenizer_file, val_fraction=0.05), progress=False)
+    write_corpus(corpus, [3], words_per_doc=(1500, 1600))
+    cfg = _cfg(corpus, tmp_path / "c", tokenizer_file, val_fraction=0.05)
+    path = corpus / "part_000.jsonl"
+    for k in range(1, 100):  # ids hold the path: name the file so that the hash rule holds out none of the 3
+        if not any(is_validation(doc_id, 0.05) for doc_id, _ in iter_documents(cfg)):
+            break
+        path = path.rename(corpus / f"part_{k:03d}.jsonl")
+        cfg = replace(cfg, paths=[str(path)])
+    prepared = prepare_data(cfg, progress=False)
     tokens = prepared.meta["tokens"]
     assert prepared.meta["tasks"][0]["val_rule"] == "tokens"
     assert tokens["val"] == pytest.approx(0.05 * (tokens["train"] + tokens["val"]), abs=1)

@@ -154,6 +154,8 @@ def run_task(cfg: DataConfig, directory: Path, tok, common: dict, task_index: in
                 bar.update(out["documents_in"])
             seconds = max(time.time() - t0, 1e-9)
             bar.set_postfix_str(f"{(writers['train'].tokens + writers['val'].tokens) / seconds:,.0f} tokens/s")
+        if unit == "B":  # the JSON/markup around the text is read too: the input is done
+            bar.update(total - bar.n)
     finally:
         bar.close()
         for w in writers.values():
