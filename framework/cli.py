@@ -1,17 +1,27 @@
 """Small console commands that share the training config: ``prepare``.
 
-    python3 -m framework.cli prepare [hydra overrides]     # tokenize and shard the configured data, no training
+    fw-prepare [hydra overrides]                                  # tokenize and shard the configured data, no training
+    fw-prepare --tokenizer-only [overrides]                       # split job, step 1: the one tokenizer
+    fw-prepare --task-index I --num-tasks N [overrides]           # step 2, for every I in 0..N-1 (in parallel)
+    fw-prepare --merge --num-tasks N [overrides]                  # step 3: meta.json only (the last task also merges)
+
+(``fw-prepare`` = ``python3 -m framework.cli prepare``.) A mistake a user can make (a task index out of range,
+a merge with tasks missing, a task without a tokenizer, a bad override) is one line on stderr and exit code 2;
+``FRAMEWORK_TRACEBACK=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from framework.config import register_configs, to_run_config
-from framework.data.prepare import prepare_data
+from framework.data.prepare import merge_prepared, prepare_data, prepare_task, prepare_tokenizer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -22,10 +32,42 @@ def compose_train_config(overrides: list[str]):
         return to_run_config(compose(config_name="train", overrides=overrides))
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fw-prepare", description="Tokenize and shard the configured data.")
+    p.add_argument("--tokenizer-only", action="store_true", help="only create the tokenizer (step 1 of a split job)")
+    p.add_argument("--task-index", type=int, help="this task's index, 0..N-1 (SLURM: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-tasks", type=int, help="N: the number of tasks the corpus is split into")
+    p.add_argument("--merge", action="store_true", help="write meta.json from the N finished tasks")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for fw-train")
+    return p
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def prepare_main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = compose_train_config(argv)
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.task_index is None) != (args.num_tasks is None) and not (args.merge and args.num_tasks is not None):
+        _usage_error("--task-index and --num-tasks go together (--merge takes --num-tasks alone).")
+    if args.merge and args.num_tasks is None:
+        _usage_error("--merge needs --num-tasks N, the number of tasks the corpus was split into.")
+    try:
+        _prepare(args)
+    except (ValueError, FileNotFoundError, KeyError, HydraException) as err:
+        if os.environ.get("FRAMEWORK_TRACEBACK"):
+            raise
+        _usage_error(str(err).strip("'\""))
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    cfg = compose_train_config(args.overrides)
+    split_job = args.tokenizer_only or args.merge or args.task_index is not None
     if cfg.data.mixture:  # each source's shards, one shared tokenizer
+        if split_job:
+            raise ValueError("a mixture is prepared source by source; split one source into tasks with its own "
+                             "overrides (data.source=..., data.tokenizer_path=<the mixture's tokenizer>).")
         from framework.data.mixture import prepare_mixture
 
         mixture = prepare_mixture(cfg.data)
@@ -34,7 +76,18 @@ def prepare_main(argv: list[str] | None = None) -> None:
                   f"{part.meta['tokens']['train']:,} train / {part.meta['tokens']['val']:,} val tokens")
         print(f"shared tokenizer {mixture.meta['tokenizer_hash']} ({mixture.vocab_size} tokens): {mixture.tokenizer_path}")
         return
-    prepared = prepare_data(cfg.data)
+    if args.tokenizer_only:
+        print(f"tokenizer ready at {prepare_tokenizer(cfg.data)}")
+        return
+    if args.merge:
+        prepared = merge_prepared(cfg.data, args.num_tasks)
+    elif args.task_index is not None:
+        prepared = prepare_task(cfg.data, args.task_index, args.num_tasks)
+        if prepared is None:
+            print(f"task {args.task_index} of {args.num_tasks} done; the last task to finish merges")
+            return
+    else:
+        prepared = prepare_data(cfg.data)
     m = prepared.meta
     print(f"data ready at {prepared.directory}: {m['tokens']['train']:,} train / {m['tokens']['val']:,} val tokens, "
           f"vocab {m['vocab_size']}, tokenizer {m['tokenizer_hash']}")
@@ -42,11 +95,10 @@ def prepare_main(argv: list[str] | None = None) -> None:
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in ("prepare",):
-        print("usage: python3 -m framework.cli prepare [hydra overrides]", file=sys.stderr)
+        print("usage: python3 -m framework.cli prepare [--tokenizer-only | --task-index I --num-tasks N | "
+              "--merge --num-tasks N] [hydra overrides]", file=sys.stderr)
         sys.exit(2)
-    command = sys.argv[1]
-    if command == "prepare":
-        prepare_main(sys.argv[2:])
+    prepare_main(sys.argv[2:])
 
 
 if __name__ == "__main__":

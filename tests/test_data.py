@@ -186,13 +186,16 @@ def test_datamodule_state_restores_the_position(tiny_prepared):
     assert batches[0].shape == (4, 65) and batches[0].dtype == torch.long
 
 
-def test_windows_never_cross_shards(tmp_path):
-    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+def test_windows_are_cut_from_the_concatenated_shards(tmp_path):
+    a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
     np.arange(10, dtype=np.uint16).tofile(a)
-    np.arange(100, 107, dtype=np.uint16).tofile(b)
-    ds = PackedWindows([a, b], np.dtype(np.uint16), 3)
-    assert len(ds) == 3 + 2
-    assert [ds[i].tolist() for i in range(5)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [100, 101, 102], [103, 104, 105]]
+    np.arange(0, dtype=np.uint16).tofile(b)  # an empty shard is skipped
+    np.arange(100, 107, dtype=np.uint16).tofile(c)
+    ds = PackedWindows([a, b, c], np.dtype(np.uint16), 3)
+    assert len(ds) == 17 // 3
+    assert [ds[i].tolist() for i in range(5)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 100, 101], [102, 103, 104]]
+    with pytest.raises(IndexError):
+        ds[5]
 
 
 def test_special_token_list_layout():

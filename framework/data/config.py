@@ -64,6 +64,9 @@ class DataConfig:
     cache_dir: str = "data_cache"
     num_proc: int = 2
     shard_tokens: int = 50_000_000  # tokens per memory-mapped shard file
+    # characters of text per chunk sent to a tokenizer process; at most 2 * num_proc chunks are in flight, which
+    # bounds preparation's memory whatever the corpus size (framework.data.prepare_task)
+    prepare_chunk_bytes: int = 256_000
     # a mixture (framework.data.mixture): named sources, each prepared into its own shards with one shared
     # tokenizer, sampled by weight in tokens: 'data.sources={legal:{source:files,paths:[...]},general:{}}'
     # 'data.mixture={legal:0.51,general:0.49}'; an empty mixture = the single source configured above

@@ -44,16 +44,17 @@ from framework.data.prepare import PreparedData, open_tokens, shard_token_count
 
 
 class PackedWindows(Dataset):
-    """Window ``i`` of a split: ``window_length`` consecutive tokens that never cross a shard boundary."""
+    """Window ``i`` of a split: tokens ``[i * window_length, (i + 1) * window_length)`` of the concatenation of the
+    split's shards, in order. A window may cross a shard boundary, so how the corpus was cut into shards and
+    preparation tasks does not change the windows (a split job's windows equal the one-job run's)."""
 
     def __init__(self, shards: list[Path], dtype: np.dtype, window_length: int) -> None:
         self.shards, self.dtype, self.window_length = shards, dtype, window_length
-        counts = [shard_token_count(p, dtype) // window_length for p in shards]
-        self.cumulative = np.cumsum([0] + counts)
+        self.offsets = np.cumsum([0] + [shard_token_count(p, dtype) for p in shards])  # (shards + 1,) token offsets
         self._arrays: list[np.ndarray] | None = None  # opened lazily, per worker process
 
     def __len__(self) -> int:
-        return int(self.cumulative[-1])
+        return int(self.offsets[-1]) // self.window_length
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor | tuple[torch.Tensor, int]:
         """``dataset[i]`` is window i; ``dataset[(i, position)]`` is (window i, position) for seeded collation."""
@@ -62,11 +63,20 @@ class PackedWindows(Dataset):
         return self._window(key)
 
     def _window(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} of {len(self)}")
         if self._arrays is None:
             self._arrays = [open_tokens(p, self.dtype) for p in self.shards]
-        shard = int(np.searchsorted(self.cumulative, index, side="right") - 1)
-        start = (index - int(self.cumulative[shard])) * self.window_length
-        window = self._arrays[shard][start : start + self.window_length]
+        start, end = index * self.window_length, (index + 1) * self.window_length
+        shard = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        pieces = []
+        while start < end:  # usually one piece; more when the window crosses shard boundaries
+            local = start - int(self.offsets[shard])
+            piece = self._arrays[shard][local : local + end - start]
+            pieces.append(piece)
+            start += len(piece)
+            shard += 1
+        window = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         return torch.from_numpy(window.astype(np.int64))
 
 

@@ -1,18 +1,20 @@
-"""Tokenize a text source into packed, memory-mapped token shards.
+"""Tokenize a text source into packed, memory-mapped token shards, in one job or split into N tasks.
 
 Layout under ``data.cache_dir``::
 
     <source>-<key>/                 key = hash(source fingerprint, tokenizer settings, curation config if on)
-        tokenizer.json              byte-level BPE trained on the training split
+        tokenizer.json              byte-level BPE trained on the training split (or the given one, copied)
         tokenizer_settings.json
-        shards/train_00000.bin ...  documents' tokens, each followed by <eos>, back to back
-        shards/val_00000.bin ...
+        shards/task_<i>-of-<n>/     task i's shards and their document index (``framework.data.shards``)
         shards/curation_report.json when data.curation.enabled: documents and tokens in, removed per filter, kept
-        shards/meta.json            written last: its presence marks a complete preparation
+        shards/meta.json            written last by the merge: its presence marks a complete preparation
 
-Shards are raw little-endian arrays (uint16 when the vocabulary fits, else uint32) read with
-``numpy.memmap``. Preparation runs under a file lock, so every rank of a distributed job can call it:
-the first builds, the others wait and reuse. Preparing the same data twice reuses the shards.
+One job (``prepare_data``, what training calls) is task 0 of 1 followed by the merge. A split job
+(``fw-prepare --tokenizer-only``, then ``--task-index I --num-tasks N`` for every I, then ``--merge``; the
+last task to finish also merges) gives the same token stream, since each task takes a contiguous share of
+the documents. Preparation runs under a file lock, so every rank of a distributed job can call
+``prepare_data``: the first builds, the others wait and reuse. Preparing the same data twice reuses the shards.
+A split job that is not finished is refused, never tokenized by training.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -36,9 +37,11 @@ from tqdm.auto import tqdm
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig
 from framework.data.curation import CurationResult, build_report, curate, format_report
+from framework.data.shards import format_task_list, merge_tasks, missing_tasks, task_dir_name, task_dirs
+from framework.data.shards import unigram_entropy  # noqa: F401  (re-exported: callers import it from here)
 from framework.data.sources import is_validation, iter_documents, source_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards in per-task directories with a document index (1: shards/ held them directly)
 
 
 class PreparedView:
@@ -106,21 +109,149 @@ def data_key(cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
-    """Train (or reuse) the tokenizer and tokenize the corpus into shards (or reuse them)."""
+def prepared_directory(cfg: DataConfig) -> Path:
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={cfg.val_fraction} must be strictly between 0 and 1.")
-    directory = Path(cfg.cache_dir).expanduser().resolve() / f"{cfg.source}-{data_key(cfg)}"
+    return Path(cfg.cache_dir).expanduser().resolve() / f"{cfg.source}-{data_key(cfg)}"
+
+
+def _lock(directory: Path):
+    return _file_lock(directory.parent / f".{directory.name}.lock")
+
+
+def _load(directory: Path) -> PreparedData | None:
     meta_path = directory / "shards" / "meta.json"
-    with _file_lock(directory.parent / f".{directory.name}.lock"):
-        if meta_path.exists():
-            return PreparedData(directory, json.loads(meta_path.read_text()))
+    return PreparedData(directory, json.loads(meta_path.read_text())) if meta_path.exists() else None
+
+
+def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
+    """The prepared data: reused when complete, merged when a split job's tasks are all done, refused when some
+    are missing, else prepared here as one task (train or reuse the tokenizer, tokenize, merge)."""
+    directory = prepared_directory(cfg)
+    with _lock(directory):
+        prepared = _load(directory) or _finished_split_job(directory)
+        if prepared is not None:
+            return prepared
         directory.mkdir(parents=True, exist_ok=True)
+        for stale in (directory / "shards").glob(f"{task_dir_name(0, 1)}*"):  # a killed one-task run (we hold the lock)
+            shutil.rmtree(stale)
         # one curation pass (when on); both passes below skip the documents it removes
         curation = curate(iter_documents(cfg), cfg.curation, progress) if cfg.curation.enabled else None
         tok = _tokenizer(cfg, directory, progress, curation)
-        meta = _tokenize_to_shards(cfg, directory, tok, progress, curation)
-        return PreparedData(directory, meta)
+        from framework.data.prepare_task import run_task
+
+        _, tokens_by_reason = run_task(cfg, directory, tok, _common_meta(cfg, tok, directory), 0, 1, progress, curation)
+        extra = {}
+        if curation is not None:
+            extra["curation"] = _write_curation_report(directory, curation, tokens_by_reason, cfg, progress)
+        return _merge(directory, 1, extra, progress)
+
+
+def _finished_split_job(directory: Path) -> PreparedData | None:
+    """A split job's tasks all done but not yet merged: merge them (metadata only). Some missing: refuse."""
+    jobs = {n: tasks for n, tasks in task_dirs(directory / "shards").items() if n > 1}
+    for num_tasks in sorted(jobs, key=lambda n: -sum(d is not None for d in jobs[n].values())):
+        missing = missing_tasks(directory / "shards", num_tasks)
+        if missing:
+            raise ValueError(
+                f"the data at {directory} is only partially prepared: task(s) {format_task_list(missing)} of "
+                f"{num_tasks} are missing; run `fw-prepare --task-index I --num-tasks {num_tasks}` with the same "
+                "overrides for each before training (training does not tokenize a split job's data).")
+        return _merge(directory, num_tasks)
+    return None
+
+
+def _common_meta(cfg: DataConfig, tok, directory: Path) -> dict:
+    """The meta.json keys every task shares (the merge adds counts, shard lists and the document index)."""
+    vocab = tok.get_vocab_size()
+    return {
+        "format": FORMAT_VERSION,
+        "source": source_fingerprint(cfg),
+        "tokenizer_hash": tk.tokenizer_hash(tok),
+        "tokenizer_settings": _tokenizer_identity(cfg),
+        "vocab_size": vocab,
+        "special_ids": asdict(tk.special_ids(tok)),
+        "special_tokens": tk.recorded_special_tokens(directory, tok),  # role -> token, id, added (bring your own)
+        "dtype": np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32).name,
+    }
+
+
+def _merge(directory: Path, num_tasks: int, extra: dict | None = None, progress: bool = False) -> PreparedData:
+    """Write ``shards/meta.json`` from the tasks' metas; stale tmp dirs of killed tasks are removed."""
+    meta = merge_tasks(directory / "shards", num_tasks, extra or {})
+    for stale in (directory / "shards").glob("task_*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if progress:
+        print(f"prepared {meta['documents']['train']} train / {meta['documents']['val']} val documents -> "
+              f"{meta['tokens']['train']:,} / {meta['tokens']['val']:,} tokens ({meta['dtype']}) from {num_tasks} "
+              f"task(s) in {meta['seconds']}s of task time at {directory / 'shards'}")
+    return PreparedData(directory, meta)
+
+
+def prepare_tokenizer(cfg: DataConfig, progress: bool = True) -> Path:
+    """Step 1 of a split job: the one tokenizer every task will use (trained, or ``data.tokenizer_path`` copied)."""
+    directory = prepared_directory(cfg)
+    with _lock(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        curation = curate(iter_documents(cfg), cfg.curation, progress) if cfg.curation.enabled else None
+        _tokenizer(cfg, directory, progress, curation)
+    return directory / tk.TOKENIZER_FILE
+
+
+def prepare_task(cfg: DataConfig, task_index: int, num_tasks: int, progress: bool = True) -> PreparedData | None:
+    """Step 2 of a split job: tokenize task ``task_index`` of ``num_tasks`` (skipped when already done); the task
+    that finds every task done merges. Returns the prepared data once merged, else None."""
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise ValueError(f"--task-index {task_index} is out of range for --num-tasks {num_tasks}; "
+                         f"use 0..{num_tasks - 1} (and --num-tasks >= 1).")
+    if cfg.curation.enabled and num_tasks > 1:
+        raise ValueError("data.curation removes duplicates across the whole corpus, which a task does not see; "
+                         "prepare curated data as one task (--num-tasks 1 or plain fw-prepare).")
+    directory = prepared_directory(cfg)
+    done = _load(directory)
+    if done is not None:
+        return done
+    if cfg.tokenizer_path:
+        with _lock(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            tok = _tokenizer(cfg, directory, progress)
+    elif (directory / tk.TOKENIZER_FILE).exists():
+        tok = tk.load_tokenizer(directory / tk.TOKENIZER_FILE)
+    else:
+        raise ValueError(f"no tokenizer at {directory / tk.TOKENIZER_FILE}: all tasks must use one tokenizer, so "
+                         "create it first with `fw-prepare --tokenizer-only` (same overrides) or set data.tokenizer_path.")
+    if task_index in missing_tasks(directory / "shards", num_tasks):
+        from framework.data.prepare_task import run_task
+
+        run_task(cfg, directory, tok, _common_meta(cfg, tok, directory), task_index, num_tasks, progress)
+    elif progress:
+        print(f"task {task_index}/{num_tasks} is already done at {directory / 'shards' / task_dir_name(task_index, num_tasks)}")
+    with _lock(directory):
+        if _load(directory) is None and not missing_tasks(directory / "shards", num_tasks):
+            return _merge(directory, num_tasks, progress=progress)  # the last task to finish merges
+    return _load(directory)
+
+
+def merge_prepared(cfg: DataConfig, num_tasks: int, progress: bool = True) -> PreparedData:
+    """Step 3 of a split job: ``shards/meta.json`` from the tasks' metas (no token is copied)."""
+    directory = prepared_directory(cfg)
+    with _lock(directory):
+        done = _load(directory)
+        if done is not None and done.meta.get("num_tasks") == num_tasks:
+            return done
+        return _merge(directory, num_tasks, progress=progress)
+
+
+def _write_curation_report(directory: Path, curation: CurationResult, tokens_by_reason: dict, cfg: DataConfig,
+                           progress: bool) -> dict:
+    # both splits counted together: curation runs before the train/val split (so it also removes
+    # validation documents that duplicate training ones)
+    report = build_report(curation, tokens_by_reason, asdict(cfg.curation))
+    path = directory / "shards" / "curation_report.json"
+    path.write_text(json.dumps(report, indent=2))
+    if progress:
+        print(f"curation ({curation.seconds}s; report in {path}):\n" + format_report(report))
+    return {"report": "curation_report.json", "documents": report["documents"], "tokens": report["tokens"]}
 
 
 def _train_texts(cfg: DataConfig, bar: tqdm | None, curation: CurationResult | None = None) -> Iterator[str]:
@@ -159,178 +290,9 @@ def _tokenizer(cfg: DataConfig, directory: Path, progress: bool, curation: Curat
     return tok
 
 
-# ----------------------------------------------------------------------------- parallel tokenization
-_worker_tok = None
-
-
-def _worker_init(tokenizer_path: str) -> None:
-    global _worker_tok
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tok = tk.load_tokenizer(tokenizer_path)
-
-
-def _encode_chunk(args: tuple[list[tuple[str, str, str | None]], float, int],
-                  ) -> list[tuple[bool, np.ndarray, str | None]]:
-    """(doc_id, text, curation removal reason or None) -> (is validation, tokens + <eos>, reason)."""
-    docs, val_fraction, eos = args
-    encodings = _worker_tok.encode_batch([text for _, text, _ in docs], add_special_tokens=False)
-    out = []
-    for (doc_id, _, reason), enc in zip(docs, encodings):
-        ids = np.empty(len(enc.ids) + 1, dtype=np.int64)
-        ids[:-1] = enc.ids
-        ids[-1] = eos
-        out.append((is_validation(doc_id, val_fraction), ids, reason))
-    return out
-
-
-def _chunks(cfg: DataConfig, eos: int, curation: CurationResult | None = None,
-            size: int = 128) -> Iterator[tuple[list[tuple[str, str, str | None]], float, int]]:
-    buf: list[tuple[str, str, str | None]] = []
-    for position, (doc_id, text) in enumerate(iter_documents(cfg)):
-        # removed documents are tokenized too, so the curation report can count their tokens
-        buf.append((doc_id, text, None if curation is None else curation.reason(position)))
-        if len(buf) == size:
-            yield buf, cfg.val_fraction, eos
-            buf = []
-    if buf:
-        yield buf, cfg.val_fraction, eos
-
-
-class _ShardWriter:
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
-        self.names: list[str] = []
-        self.tokens = 0
-        self._in_shard = 0
-        self._f = None
-        self.counts: np.ndarray | None = None
-
-    def write(self, ids: np.ndarray) -> None:
-        pos = 0
-        while pos < len(ids):
-            if self._f is None or self._in_shard >= self.shard_tokens:
-                self._roll()
-            take = min(len(ids) - pos, self.shard_tokens - self._in_shard)
-            ids[pos : pos + take].astype(self.dtype).tofile(self._f)
-            self._in_shard += take
-            pos += take
-        self.tokens += len(ids)
-
-    def _roll(self) -> None:
-        if self._f is not None:
-            self._f.close()
-        name = f"{self.split}_{len(self.names):05d}.bin"
-        self.names.append(name)
-        self._f = open(self.directory / name, "wb")
-        self._in_shard = 0
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
-def _tokenize_to_shards(cfg: DataConfig, directory: Path, tok, progress: bool,
-                        curation: CurationResult | None = None) -> dict:
-    specials = tk.special_ids(tok)
-    vocab = tok.get_vocab_size()
-    dtype = np.dtype(np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32)
-    tmp = directory / "shards.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-    val_counts = np.zeros(vocab, dtype=np.int64)
-    docs = {"train": 0, "val": 0}
-    tokens_by_reason: dict[str | None, int] = {}  # curation removal reason (None = kept) -> tokens incl. <eos>
-    t0 = time.time()
-    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=2.0)
-    chunks = _chunks(cfg, specials.eos, curation)
-    num_proc = max(1, int(cfg.num_proc))
-    if num_proc > 1:
-        # fork: workers start in milliseconds (spawn would re-import the training entry point, ~10 s);
-        # each worker tokenizes single-threaded, the parallelism comes from the processes
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(num_proc, initializer=_worker_init, initargs=(str(directory / tk.TOKENIZER_FILE),))
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM")
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-        results = pool.imap(_encode_chunk, chunks)  # ordered, so shards are deterministic
-    else:
-        _worker_init(str(directory / tk.TOKENIZER_FILE))
-        pool, results = None, map(_encode_chunk, chunks)
-    try:
-        for chunk in results:
-            for is_val, ids, reason in chunk:
-                tokens_by_reason[reason] = tokens_by_reason.get(reason, 0) + len(ids)
-                if reason is not None:
-                    continue
-                split = "val" if is_val else "train"
-                writers[split].write(ids)
-                docs[split] += 1
-                if is_val:
-                    val_counts += np.bincount(ids, minlength=vocab)
-            bar.update(len(chunk))
-            bar.set_postfix(tokens=writers["train"].tokens + writers["val"].tokens)
-    finally:
-        bar.close()
-        for w in writers.values():
-            w.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    if docs["train"] == 0 or docs["val"] == 0:
-        raise ValueError(
-            f"the corpus gave {docs['train']} training and {docs['val']} validation documents; it needs both: "
-            "add more documents or change data.val_fraction"
-            + (" or loosen data.curation's thresholds (it removed "
-               f"{len(curation.removed)} of {curation.documents_in} documents)." if curation is not None else ".")
-        )
-    meta = {
-        "format": FORMAT_VERSION,
-        "source": source_fingerprint(cfg),
-        "tokenizer_hash": tk.tokenizer_hash(tok),
-        "tokenizer_settings": _tokenizer_identity(cfg),
-        "vocab_size": vocab,
-        "special_ids": asdict(specials),
-        "special_tokens": tk.recorded_special_tokens(directory, tok),  # (tokenizer helper) role -> token, id, added
-        "dtype": dtype.name,
-        "documents": docs,
-        "tokens": {s: w.tokens for s, w in writers.items()},
-        "shards": {s: w.names for s, w in writers.items()},
-        "val_unigram_entropy_nats": unigram_entropy(val_counts),
-        "seconds": round(time.time() - t0, 2),
-    }
-    if curation is not None:
-        # both splits counted together: curation runs before the train/val split (so it also removes
-        # validation documents that duplicate training ones)
-        report = build_report(curation, tokens_by_reason, asdict(cfg.curation))
-        (tmp / "curation_report.json").write_text(json.dumps(report, indent=2))
-        meta["curation"] = {"report": "curation_report.json", "documents": report["documents"],
-                            "tokens": report["tokens"]}
-        if progress:
-            print(f"curation ({curation.seconds}s; report in {directory / 'shards' / 'curation_report.json'}):\n"
-                  + format_report(report))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    meta = json.loads(json.dumps(meta))  # the same plain-JSON form a later reuse reads back
-    final = directory / "shards"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    if progress:
-        print(f"prepared {docs['train']} train / {docs['val']} val documents -> {meta['tokens']['train']:,} / "
-              f"{meta['tokens']['val']:,} tokens ({dtype.name}) in {meta['seconds']}s at {final}")
-    return meta
-
-
-def unigram_entropy(counts: np.ndarray) -> float:
-    """Entropy in nats of the empirical token distribution: the loss of the best context-free model."""
-    total = counts.sum()
-    p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
-
-
 def open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    if os.path.getsize(path) == 0:  # mmap refuses an empty file
+        return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
 
 

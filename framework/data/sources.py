@@ -265,7 +265,14 @@ def hub_documents(name: str, config: str, split: str, streaming: bool, text_fiel
 
 
 # --------------------------------------------------------------------------- dispatch
-def iter_documents(cfg: DataConfig) -> Iterator[Document]:
+def iter_documents(cfg: DataConfig, task_index: int = 0, num_tasks: int = 1) -> Iterator[Document]:
+    """The source's documents, or task ``task_index`` of ``num_tasks``'s contiguous share of them: the tasks'
+    streams, concatenated in task order, are the whole stream (``partition`` says how each source is cut)."""
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"--task-index {task_index} is out of range for --num-tasks {num_tasks}; "
+                         f"use 0..{num_tasks - 1}.")
+    if num_tasks > 1:
+        return _task_documents(cfg, task_index, num_tasks)
     if cfg.source == "stdlib":
         docs = stdlib_documents(cfg.min_document_chars)
     elif cfg.source == "licenses":
@@ -284,6 +291,84 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
     if cfg.max_documents:
         return (d for i, d in enumerate(docs) if i < cfg.max_documents)
     return docs
+
+
+# --------------------------------------------------------------------------- split preparation
+def contiguous_range(length: int, task_index: int, num_tasks: int) -> tuple[int, int]:
+    """[start, end) of task ``task_index``: ``datasets.Dataset.shard(num_tasks, task_index, contiguous=True)``'s
+    rows (the first ``length % num_tasks`` tasks get one more)."""
+    div, mod = divmod(length, num_tasks)
+    start = div * task_index + min(task_index, mod)
+    return start, start + div + (1 if task_index < mod else 0)
+
+
+def partition_files(files: list[Path], task_index: int, num_tasks: int) -> list[Path]:
+    """Task ``task_index``'s contiguous range of the sorted file list, balanced by bytes: a file belongs to the
+    task whose equal share of the total bytes holds the file's middle byte. A file is never split."""
+    sizes = [p.stat().st_size for p in files]
+    total, begin, mine = sum(sizes), 0, []
+    for i, (path, size) in enumerate(zip(files, sizes)):
+        middle = (begin + size / 2) / total if total else (i + 0.5) / len(files)
+        if min(int(middle * num_tasks), num_tasks - 1) == task_index:
+            mine.append(path)
+        begin += size
+    return mine
+
+
+def task_files(cfg: DataConfig, task_index: int, num_tasks: int) -> list[Path]:
+    if not cfg.paths:
+        raise ValueError("data.source=files needs data.paths=[...] (text, JSONL or Parquet files).")
+    return partition_files(_expand(list(cfg.paths)), task_index, num_tasks)
+
+
+def _task_documents(cfg: DataConfig, task_index: int, num_tasks: int) -> Iterator[Document]:
+    if cfg.source == "files":
+        if cfg.max_documents:
+            raise ValueError("data.max_documents cannot be combined with --num-tasks > 1 for data.source=files (a task "
+                             "cannot know how many documents the files before its own hold); drop it or use one task.")
+        files = task_files(cfg, task_index, num_tasks)
+        if not files:
+            return iter(())
+        return file_documents([glob.escape(str(p)) for p in files], cfg.text_field, cfg.min_document_chars)
+    if cfg.source == "hub":
+        return _hub_task_documents(cfg, task_index, num_tasks)
+    docs = list(iter_documents(cfg))  # the embedded sources: a few MB, their documents counted in memory
+    start, end = contiguous_range(len(docs), task_index, num_tasks)
+    return iter(docs[start:end])
+
+
+def _hub_task_documents(cfg: DataConfig, task_index: int, num_tasks: int) -> Iterator[Document]:
+    """The task's contiguous ``Dataset.shard``; document ids keep their row numbers in the whole split."""
+    if not cfg.hub_name:
+        raise ValueError("data.source=hub needs data.hub_name=<a datasets hub name>.")
+    if cfg.streaming:
+        raise ValueError("a streaming datasets source cannot be split into tasks (its length is unknown); set "
+                         "data.streaming=false (downloaded once, memory-mapped) or use --num-tasks 1.")
+    import datasets
+
+    ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=cfg.hub_split)
+    if cfg.max_documents:
+        ds = ds.select(range(min(cfg.max_documents, len(ds))))
+    start, end = contiguous_range(len(ds), task_index, num_tasks)
+    shard = ds.shard(num_shards=num_tasks, index=task_index, contiguous=True)
+    assert len(shard) == end - start, "datasets.Dataset.shard changed its contiguous split"
+    prefix = f"hub:{cfg.hub_name}:{cfg.hub_config}:{cfg.hub_split}"
+    for i, row in enumerate(shard, start=start):
+        text = row.get(cfg.text_field) or ""
+        if len(text) >= cfg.min_document_chars:
+            yield f"{prefix}:{i}", text
+
+
+def task_progress_total(cfg: DataConfig, task_index: int, num_tasks: int) -> tuple[int | None, str]:
+    """What a task's progress bar counts: input bytes (files) or documents, and the total when knowable."""
+    if cfg.source == "files":
+        return sum(p.stat().st_size for p in task_files(cfg, task_index, num_tasks)), "B"
+    if cfg.source in ("stdlib", "licenses"):
+        n = len(list(iter_documents(cfg))) if cfg.source == "licenses" else len(_stdlib_documents(cfg.min_document_chars))
+        n = min(n, cfg.max_documents) if cfg.max_documents else n
+        start, end = contiguous_range(n, task_index, num_tasks)
+        return end - start, "doc"
+    return None, "doc"
 
 
 def source_fingerprint(cfg: DataConfig) -> dict:
