@@ -234,6 +234,7 @@ class MixtureDataModule(PretrainDataModule):
         self.seed, self.num_workers, self.val_windows = seed, num_workers, val_windows
         self.names, self.weights = list(prepared.names), list(prepared.weights)
         self.global_samples_consumed = 0  # windows consumed by all ranks together; restored from checkpoints
+        self.skips: tuple[tuple[int, int], ...] = ()  # stream ranges a spike-guard rollback skipped
         self.schedule = MixtureSchedule(self.weights)
         self._train_parts, self._val_parts = [], []
         for name in self.names:
