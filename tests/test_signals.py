@@ -177,12 +177,13 @@ def test_running_a_finished_run_again_changes_nothing(data_cache, uninterrupted,
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     (run_dir / "config.yaml").write_text("the config the run was trained with\n")
-    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    # the run lock records whoever last held it (host, pid, time): the only file a re-run may touch
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file() and p.name != ".run.lock"}
     proc = _train(run_dir, data_cache, "none")  # the same command, resume=auto
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stdout.splitlines() if "already finished" in line]
     assert len(said) == 1 and "(step 12" in said[0] and str(run_dir / "final_metrics.json") in said[0], proc.stdout
-    assert {p for p in run_dir.rglob("*") if p.is_file()} - {run_dir / "train.log"} == set(files)  # Hydra's log
+    assert {p for p in run_dir.rglob("*") if p.is_file()} - {run_dir / "train.log", run_dir / ".run.lock"} == set(files)
     for path, (content, mtime) in files.items():
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
     # asked for more steps, the same run is not finished: it would resume from its step-12 checkpoint
