@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     num_proc = args.num_proc or cores
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet is created
     with tempfile.TemporaryDirectory(dir=args.workdir or None) as tmp:
         work = Path(tmp)
         paragraphs = machine_paragraphs()
