@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from framework.distributed.checkpoints import LIGHTNING_META, checkpoint_step, is_complete, safe_load
+from framework.distributed.checkpoints import LIGHTNING_META, checkpoint_step, safe_load
+from framework.distributed.resume import checkpoint_problem
 from framework.objectives.config import OptimConfig, decay_start
 
 
@@ -25,8 +26,10 @@ def resolve_branch(branch_from: str, optim: OptimConfig, max_steps: int) -> str:
     if not path.exists():
         raise FileNotFoundError(f"branch_from={branch_from}: no such checkpoint; give a step*.ckpt of a wsd run's "
                                 "constant phase.")
-    if not is_complete(path):
-        raise ValueError(f"branch_from={branch_from} is an incomplete or corrupt checkpoint; pick another one.")
+    problem, _ = checkpoint_problem(path)  # completeness, checksum, a weights-only load
+    if problem:
+        raise ValueError(f"branch_from={branch_from} is an incomplete or corrupt checkpoint ({problem}); pick another "
+                         "one.")
     step = checkpoint_step(path)
     start = decay_start(max_steps, optim.decay_fraction)
     if step < 0:

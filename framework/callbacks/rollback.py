@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from framework.data.datamodule import skip_positions
-from framework.distributed.checkpoints import checkpoint_step, is_complete
+from framework.distributed.checkpoints import checkpoint_step
+from framework.distributed.resume import checkpoint_problem
 
 SKIPS_FILE = "data_skips.json"
 MAX_ROLLBACKS = 3
@@ -41,7 +42,7 @@ def rollback_target(run_dir: Path, request: dict) -> Path:
         raise ValueError(f"the spike guard rolled back {MAX_ROLLBACKS} times and the loss still spikes (see "
                          f"{run_dir / 'spike_guard.jsonl'}); lower optim.lr or check the data before resuming.")
     candidates = sorted((checkpoint_step(p), p) for p in ckpt_dir.glob("step*.ckpt")
-                        if is_complete(p) and 0 <= checkpoint_step(p) <= request["first_spike_step"])
+                        if 0 <= checkpoint_step(p) <= request["first_spike_step"] and checkpoint_problem(p)[0] is None)
     if not candidates:
         raise ValueError(f"the spike guard asked for a rollback at step {request['last_step']}, but no checkpoint "
                          f"precedes the first spike (step {request['first_spike_step']}); lower "
