@@ -1,0 +1,157 @@
+"""What the framework offers, written once: objectives, model families, strategies, precisions.
+
+Plain data, importable without torch or Lightning, so the planner, the memory model, the FLOP count, the
+strategy x precision refusal matrix, export, generation, the config schemas and the tests all read the same
+facts. The option names are the file names of the Hydra groups (``conf/strategy/<option>.yaml``,
+``conf/precision/<option>.yaml``); ``tests/test_catalogue.py`` fails when a group and this file disagree.
+
+Model classes, parallelization plans and export mappings per family live in ``framework.models.registry``
+(they need torch); this module only names the families and their traits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PF_DAY_FLOPS = 1e15 * 86_400  # one petaFLOP/s-day = 8.64e19 FLOPs
+
+
+# --------------------------------------------------------------------------------------------- model families
+@dataclass(frozen=True)
+class FamilySpec:
+    """Traits of a model family that need no torch: how it attends, what it generates."""
+
+    name: str
+    causal: bool  # attention: causal (decoder) or bidirectional
+    has_decoder_stack: bool  # a separate decoder stack with cross-attention (T5)
+    generates: str  # "text" (left-to-right continuation), "spans" (fills <extra_id_N>), "" (cannot generate)
+    description: str
+
+
+FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
+    FamilySpec("decoder", causal=True, has_decoder_stack=False, generates="text",
+               description="decoder-only, GPT/Llama-style (causal attention)"),
+    FamilySpec("encoder", causal=False, has_decoder_stack=False, generates="",
+               description="encoder-only, BERT-style (bidirectional attention)"),
+    FamilySpec("encoder_decoder", causal=False, has_decoder_stack=True, generates="spans",
+               description="encoder-decoder, T5 v1.1-style"),
+)}
+
+
+# ------------------------------------------------------------------------------------------------- objectives
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An objective: the family it trains, the conf/model preset it picks by default, the special-token roles its
+    batches need (``framework.data.tokenizer``) and a one-line description (model card, plans)."""
+
+    name: str
+    family: str
+    default_model: str
+    special_roles: tuple[str, ...]
+    description: str
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {o.name: o for o in (
+    ObjectiveSpec("clm", "decoder", "small-cpu", ("eos",),
+                  "causal language modelling (next-token prediction)"),
+    ObjectiveSpec("mlm", "encoder", "bert-small-cpu", ("eos", "pad", "mask"),
+                  "masked language modelling (15% of tokens selected; 80/10/10 mask/random/keep)"),
+    ObjectiveSpec("span_corruption", "encoder_decoder", "t5-small-cpu", ("eos", "pad", "sentinels"),
+                  "T5 span corruption (sentinel-marked spans reconstructed by the decoder)"),
+)}
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} is not one of {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name]
+
+
+# ------------------------------------------------------------------------------------------------- strategies
+@dataclass(frozen=True)
+class StrategySpec:
+    """One ``conf/strategy`` option. ``name`` is ``strategy.name`` (auto | ddp | fsdp | deepspeed);
+    ``zero_stage`` says which model states are sharded (0 replicated, 1 optimizer, 2 + gradients, 3 + weights);
+    ``shard_within_node``: sharded over one node's GPUs only (FSDP hybrid); ``offload``: '', 'optimizer' or
+    'params' (weights too); ``cuda_only``: refused on the CPU."""
+
+    option: str
+    name: str
+    zero_stage: int
+    fsdp_sharding: str = ""
+    shard_within_node: bool = False
+    offload: str = ""
+    cuda_only: bool = False
+    description: str = ""
+
+
+# In order of increasing cost: ZeRO stages 1-2 move as many bytes per step as DDP's all-reduce (2 Psi),
+# stage 3 / full sharding 1.5x that (ZeRO sec. 7); offloading adds PCIe traffic and CPU Adam steps.
+STRATEGIES: dict[str, StrategySpec] = {s.option: s for s in (
+    StrategySpec("auto", "auto", 0, description="one device, nothing sharded"),
+    StrategySpec("ddp", "ddp", 0, description="data parallel, everything replicated"),
+    StrategySpec("deepspeed_zero1", "deepspeed", 1, cuda_only=True, description="ZeRO stage 1: optimizer states sharded"),
+    StrategySpec("deepspeed_zero2", "deepspeed", 2, cuda_only=True,
+                 description="ZeRO stage 2: optimizer states and gradients sharded"),
+    StrategySpec("fsdp_shard_grad_op", "fsdp", 2, fsdp_sharding="shard_grad_op",
+                 description="FSDP SHARD_GRAD_OP (~ZeRO-2)"),
+    StrategySpec("fsdp_hybrid", "fsdp", 3, fsdp_sharding="hybrid", shard_within_node=True,
+                 description="FSDP hybrid: full shard in a node, replicated across nodes"),
+    StrategySpec("fsdp", "fsdp", 3, fsdp_sharding="full", description="FSDP full shard (~ZeRO-3)"),
+    StrategySpec("deepspeed_zero3", "deepspeed", 3, cuda_only=True, description="ZeRO stage 3: weights sharded too"),
+    StrategySpec("deepspeed_zero2_offload", "deepspeed", 2, offload="optimizer", cuda_only=True,
+                 description="ZeRO-2 + optimizer on CPU"),
+    StrategySpec("deepspeed_zero3_offload", "deepspeed", 3, offload="params", cuda_only=True,
+                 description="ZeRO-3 + weights and optimizer on CPU"),
+)}
+STRATEGY_NAMES = tuple(dict.fromkeys(s.name for s in STRATEGIES.values()))  # auto, ddp, deepspeed, fsdp
+FSDP_SHARDINGS = tuple(dict.fromkeys(s.fsdp_sharding for s in STRATEGIES.values() if s.fsdp_sharding))
+ZERO_STAGES = (1, 2, 3)
+
+
+def strategy_option(name: str, *, fsdp_sharding: str = "full", zero_stage: int = 2, offload_optimizer: bool = False,
+                    offload_parameters: bool = False) -> str:
+    """The conf/strategy option that selects these ``strategy.*`` fields (for messages, plans and the memory model)."""
+    if name == "fsdp":
+        return next((o for o, s in STRATEGIES.items() if s.name == "fsdp" and s.fsdp_sharding == fsdp_sharding), "fsdp")
+    if name == "deepspeed":
+        offload = "_offload" if (offload_optimizer or offload_parameters) else ""
+        return f"deepspeed_zero{zero_stage}{offload}"
+    return name
+
+
+# ------------------------------------------------------------------------------------------------- precisions
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """One ``conf/precision`` option: Lightning's ``mode``, the dtype of the weights the optimizer updates
+    (``master``), of the matmuls (``compute``), whether torch autocast runs, whether fp16 loss scaling is needed,
+    and bytes per parameter of weights / gradients / Adam states as the memory model counts them (mixed precision:
+    a 16-bit weight copy + gradients, and float32 master weights + two moments = 12 bytes)."""
+
+    option: str
+    mode: str
+    master: str
+    compute: str
+    autocast: bool
+    loss_scaling: bool
+    needs_bf16: bool
+    state_bytes: tuple[int, int, int]  # weights, gradients, optimizer
+    activation_bytes: int
+
+
+PRECISIONS: dict[str, PrecisionSpec] = {p.option: p for p in (
+    PrecisionSpec("fp32", "32-true", "float32", "float32", False, False, False, (4, 4, 8), 4),
+    PrecisionSpec("fp16", "16-mixed", "float32", "float16", True, True, False, (2, 2, 12), 2),
+    PrecisionSpec("bf16", "bf16-mixed", "float32", "bfloat16", True, False, True, (2, 2, 12), 2),
+    PrecisionSpec("bf16_true", "bf16-true", "bfloat16", "bfloat16", False, False, True, (2, 2, 4), 2),
+)}
+PRECISION_MODES = tuple(p.mode for p in PRECISIONS.values())
+PRECISION_BY_MODE: dict[str, PrecisionSpec] = {p.mode: p for p in PRECISIONS.values()}
+
+
+def precision_option(mode: str) -> str:
+    """The conf/precision option that selects Lightning's ``mode`` (``bf16-mixed`` -> ``bf16``)."""
+    if mode not in PRECISION_BY_MODE:
+        raise ValueError(f"precision.mode={mode!r} is not one of {', '.join(PRECISION_MODES)}; "
+                         f"pick precision={', '.join(PRECISIONS)}.")
+    return PRECISION_BY_MODE[mode].option
