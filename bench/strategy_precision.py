@@ -48,21 +48,10 @@ def overrides(args, strategy: str, precision: str, extra: list[str]) -> list[str
 
 
 def compose(overrides_: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from framework.config import compose as compose_run
 
-    from framework.config import register_configs, to_run_config
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides_)
     # optional callbacks of other subsystems that would only add time here
-    for key in ("throughput", "model_card"):
-        if key in cfg.callbacks:
-            cfg.callbacks[key] = False
-    return to_run_config(cfg)
+    return compose_run([*overrides_, "callbacks.throughput=false", "callbacks.model_card=false"])
 
 
 def run_one(args, strategy: str, precision: str, extra: list[str]) -> dict:

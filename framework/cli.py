@@ -15,21 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from framework.config import register_configs, to_run_config
+from framework.config import compose as compose_train_config
 from framework.data.prepare import merge_prepared, prepare_data, prepare_task, prepare_tokenizer
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose_train_config(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_run_config(compose(config_name="train", overrides=overrides))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,9 +1,15 @@
-"""The training run's typed schema, registered in Hydra's ConfigStore.
+"""The training run's typed schema, registered in Hydra's ConfigStore, and ``compose``.
 
-``conf/train.yaml`` starts its defaults list with ``train_schema``, so every group's YAML is merged into
-these dataclasses: an unknown key or a value of the wrong type is an error at composition time, not a
-silently ignored setting. ``to_run_config`` turns the composed DictConfig into plain dataclass objects;
-nothing below ``framework.train`` ever sees the raw config.
+The defaults are written here and in each subsystem's ``config.py``, once: ``TrainConfig()`` is the run
+``fw-train`` trains with no overrides. ``conf/train.yaml`` starts its defaults list with ``train_schema`` and
+only selects group options, and each option file only sets what differs from these defaults. Every group's
+YAML is merged into these dataclasses: an unknown key, a value of the wrong type or a name outside a closed set
+(``framework.choices``) is an error at composition time, not a silently ignored setting.
+
+``compose(overrides)`` is the one way to build a ``TrainConfig`` from ``conf/`` and command-line overrides
+(fw-train's check, fw-prepare, fw-submit, recipes, benches, tests); its errors are ``ConfigError``, one
+sentence each (``framework.config_errors``). ``to_run_config`` turns a composed DictConfig into plain dataclass
+objects; nothing below ``framework.train`` ever sees the raw config.
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from framework.choices import Family, ModelPreset, Position, plain
 from framework.cluster.config import ClusterConfig
+from framework.config_errors import ConfigError, check_known_keys, explain
 from framework.data.config import DataConfig
 from framework.distributed.config import PrecisionConfig, StrategyConfig
 from framework.models.config import ModelConfig
@@ -24,13 +33,19 @@ from framework.objectives.config import ObjectiveConfig, OptimConfig
 from framework.tracking.config import LoggerConfig
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_CHOICE_FIELDS = {"family": Family, "position": Position}  # ModelConfig's closed sets, checked at composition
+
+
 def _model_spec_fields() -> list[tuple[str, Any, Any]]:
     hints = typing.get_type_hints(ModelConfig)
-    return [(f.name, Optional[hints[f.name]], None) for f in dataclasses.fields(ModelConfig) if f.name != "name"]
+    return [(f.name, Optional[_CHOICE_FIELDS.get(f.name, hints[f.name])], None)
+            for f in dataclasses.fields(ModelConfig) if f.name != "name"]
 
 
-# ``model.preset`` names a shape in framework.models.config.PRESETS; any other field overrides it.
-ModelSpec = dataclasses.make_dataclass("ModelSpec", [("preset", str, "tiny")] + _model_spec_fields())
+# ``model.preset`` names a shape in framework.models.config.PRESETS; any other field overrides it. The default
+# is the clm objective's model (framework.catalogue), which conf/train.yaml selects.
+ModelSpec = dataclasses.make_dataclass("ModelSpec", [("preset", ModelPreset, "small-cpu")] + _model_spec_fields())
 
 
 def resolve_model(spec: Any) -> ModelConfig:
@@ -41,7 +56,7 @@ def resolve_model(spec: Any) -> ModelConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 300
-    val_check_interval: int = 50  # optimizer steps between validations
+    val_check_interval: int = 100  # optimizer steps between validations
     log_every_n_steps: int = 10
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
@@ -117,6 +132,38 @@ def register_configs() -> None:
 
 
 def to_run_config(cfg: DictConfig) -> TrainConfig:
-    """Validate against the schema and return dataclass objects (a typo or a bad type raises here)."""
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    return OmegaConf.to_object(merged)
+    """Validate against the schema and return dataclass objects of plain values (a typo, a bad type or an
+    unknown name raises ``ConfigError`` here; a setting a subsystem refuses raises its ValueError)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        check_known_keys(cfg, TrainConfig)  # `+trainer.max_stepz=10` adds a key Hydra's struct mode lets through
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        return plain(OmegaConf.to_object(merged))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(explain(err)) from err
+
+
+def compose_config(overrides: Sequence[str] = (), *, hydra_config: bool = False) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides``, as fw-train composes it; with ``hydra_config`` the
+    ``hydra`` node (run and sweep directories) is kept. A bad override raises ``ConfigError``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra_config)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(explain(err, overrides)) from err
+
+
+def compose(overrides: Sequence[str] = ()) -> TrainConfig:
+    """The run ``fw-train <overrides>`` trains: ``compose([]) == TrainConfig()``."""
+    return to_run_config(compose_config(overrides))

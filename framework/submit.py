@@ -23,7 +23,7 @@ from string import Template
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework.cluster.config import ClusterConfig
-from framework.config import TrainConfig, register_configs, to_run_config
+from framework.config import TrainConfig, compose_config, to_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -38,15 +38,8 @@ class Submission:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """conf/train.yaml composed with ``overrides`` (and ``cluster=slurm`` unless a cluster is named)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    """conf/train.yaml composed with ``overrides``, with its ``hydra`` node (the run directory)."""
+    return compose_config(overrides, hydra_config=True)
 
 
 def with_cluster(overrides: list[str]) -> list[str]:

@@ -31,7 +31,8 @@ from framework.callbacks.preemption import PreemptionCallback
 from framework.callbacks.rollback import apply_rollback, load_skips, rollback_target
 from framework.callbacks.spike_guard import SpikeGuard, check_spike_guard
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
-from framework.config import TrainConfig, register_configs, resolve_model, to_run_config
+from framework.config import CONF_DIR, TrainConfig, register_configs, resolve_model, to_run_config
+from framework.config_errors import check_command_line
 from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import MixtureDataModule, MixtureTokensLogger, mixture_metrics, prepare_mixture
 from framework.data.position import check_resume_world_size
@@ -51,7 +52,6 @@ from framework.tracking.loggers import build_loggers, finish_wandb
 from framework.tracking.metrics_log import MetricsLogCallback
 from framework.tracking.run_state import finished_message, finished_metrics, run_is_finished
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
 
 
@@ -263,9 +263,16 @@ def hydra_run_dir() -> Path:
 register_configs()
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Console entry. A configuration error is one line on stderr and exit code 2 (FRAMEWORK_TRACEBACK=1 shows
+def main() -> None:
+    """Console entry: every run the command line asks for (each point of a ``-m`` sweep) is composed first, so a
+    bad override is one line on stderr and exit code 2 before Hydra creates any directory; then Hydra runs."""
+    check_command_line(sys.argv[1:])
+    hydra_main()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
+    """Hydra's entry. A configuration error is one line on stderr and exit code 2 (FRAMEWORK_TRACEBACK=1 shows
     the traceback); anything else propagates with its traceback."""
     try:
         return _main(cfg)

@@ -157,17 +157,9 @@ def mixture_overrides(args: argparse.Namespace, data: dict[str, DataConfig]) -> 
 
 
 def compose_train_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from framework.config import compose
 
-    from framework.config import register_configs, to_run_config
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return to_run_config(cfg)
+    return compose(overrides)
 
 
 def report(results: dict, out: Path) -> str:

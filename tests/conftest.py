@@ -19,7 +19,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = str(REPO / "conf")
 
 # Overrides that make any run tiny: a small slice of the corpus, a tiny model, short sequences.
 TINY = [
@@ -44,21 +43,25 @@ def data_cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def compose(data_cache):
     """compose(overrides) -> the composed DictConfig of conf/train.yaml (tiny by default)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from framework.config import register_configs
-
-    register_configs()
+    from framework.config import compose_config
 
     def _compose(overrides: list[str] = (), tiny: bool = True):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            base = (TINY + [f"data.cache_dir={data_cache}"]) if tiny else []
-            return hydra_compose(config_name="train", overrides=base + list(overrides))
+        base = (TINY + [f"data.cache_dir={data_cache}"]) if tiny else []
+        return compose_config(base + list(overrides))
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def train_config(data_cache):
+    """train_config(overrides) -> the TrainConfig fw-train would run (tiny by default), via framework.config.compose."""
+    from framework.config import compose
+
+    def _train_config(overrides: list[str] = (), tiny: bool = True):
+        base = (TINY + [f"data.cache_dir={data_cache}"]) if tiny else []
+        return compose(base + list(overrides))
+
+    return _train_config
 
 
 @pytest.fixture(scope="session")

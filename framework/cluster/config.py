@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from framework.choices import ClusterName
+
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"  # local | slurm
+    name: ClusterName = "local"  # local | slurm
     nodes: int = 1
     devices_per_node: int = 1  # SLURM tasks per node; Lightning needs it equal to trainer.devices
     cpus_per_task: int = 8

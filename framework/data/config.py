@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from framework.choices import DataSource, Objective
 from framework.data.curation import CurationConfig
 
 
@@ -13,7 +14,7 @@ class SourceSpec:
     """One named source of a mixture (``data.sources.<name>``): a field left unset (None) takes the top-level
     ``data`` value of the same name."""
 
-    source: Optional[str] = None
+    source: Optional[DataSource] = None
     paths: Optional[list[str]] = None
     text_field: Optional[str] = None
     hub_name: Optional[str] = None
@@ -30,7 +31,7 @@ class DataConfig:
     # pydoc topics, present wherever Python is), "files" (``paths``: .txt / .md / .jsonl / .json / .parquet, text
     # and JSON optionally .gz/.zst/.bz2/.xz, directories of them or written by datasets' save_to_disk, globs
     # allowed) or "hub" (a ``datasets`` hub name in ``hub_name``, or a local save_to_disk / Parquet directory).
-    source: str = "stdlib"
+    source: DataSource = "stdlib"
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
     hub_name: str = ""
@@ -45,14 +46,14 @@ class DataConfig:
     text_document_chars: int = 10_000
     val_fraction: float = 0.04  # held-out documents, chosen by a stable hash of the document id
     # tokenizer (byte-level BPE trained on the training split)
-    vocab_size: int = 8192
+    vocab_size: int = 4096  # the embedded corpora are small (conf/data/files.yaml and hub.yaml set 8192)
     # an existing tokenizer.json to use instead of training one (mixtures share one; continued pretraining
     # must keep its checkpoint's); "" = train one on this source's training split
     tokenizer_path: str = ""
     # a given tokenizer (tokenizer.json, or a directory saved by transformers) gets the special tokens this
     # objective needs appended when it lacks them (framework.data.tokenizer.OBJECTIVE_ROLES); conf/train.yaml
     # sets it from objective.name
-    special_tokens_for: str = "clm"
+    special_tokens_for: Objective = "clm"
     # false: a given tokenizer is used exactly as it is, and one missing a needed special token is refused
     tokenizer_add_tokens: bool = True
     # bytes of training text (UTF-8, in source order) the framework's own tokenizer is trained on: BPE learns

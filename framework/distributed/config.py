@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+from framework.choices import FsdpSharding, PrecisionMode, StrategyName, names
+
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")  # the order of messages; the same names as choices.StrategyName
 FSDP_SHARDINGS = ("full", "shard_grad_op", "hybrid")
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
+PRECISIONS = tuple(names(PrecisionMode))
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | ddp | fsdp | deepspeed
+    name: StrategyName = "auto"  # auto | ddp | fsdp | deepspeed
     # --- FSDP2 (torch.distributed.fsdp.fully_shard per transformer block, then the root)
     # full: parameters, gradients and optimizer states sharded; parameters re-sharded after forward (ZeRO-3)
     # shard_grad_op: parameters kept gathered between forward and backward (ZeRO-2-like, less communication)
     # hybrid: full sharding inside groups of ``hybrid_shard_size`` ranks, replicated across groups (HSDP)
-    fsdp_sharding: str = "full"
+    fsdp_sharding: FsdpSharding = "full"
     hybrid_shard_size: int = 0  # ranks per sharding group for hybrid; 0 = the devices of one node
     # --- DeepSpeed ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
     # Parameter Models"): stage 1 shards optimizer states, 2 also gradients, 3 also parameters
@@ -48,4 +50,4 @@ class StrategyConfig:
 @dataclass
 class PrecisionConfig:
     # Lightning precision: 32-true | 16-mixed | bf16-mixed | bf16-true
-    mode: str = "32-true"
+    mode: PrecisionMode = "32-true"

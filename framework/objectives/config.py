@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from framework.choices import DecayShape, MuonLrAdjustment, Objective, Optimizer, Schedule, names
+
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "clm"  # clm | mlm | span_corruption
+    name: Objective = "clm"  # clm | mlm | span_corruption
     # masked LM (Devlin et al. 2019, sec. 3.1): select mask_probability of tokens; of those 80% -> <mask>,
     # 10% -> a random token, 10% unchanged
     mask_probability: float = 0.15
@@ -19,10 +21,10 @@ class ObjectiveConfig:
     mean_noise_span_length: float = 3.0
 
 
-SCHEDULES = ("cosine", "wsd")
-DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
-OPTIMIZERS = ("adamw", "muon")
-MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
+SCHEDULES = tuple(names(Schedule))
+DECAY_SHAPES = tuple(names(DecayShape))
+OPTIMIZERS = tuple(names(Optimizer))
+MUON_LR_ADJUSTMENTS = tuple(names(MuonLrAdjustment))
 
 
 @dataclass
@@ -32,25 +34,25 @@ class OptimConfig:
     warmup-stable-decay (``schedule=wsd``, Hägele et al. 2024): the peak LR held constant, then a decay to ``min_lr_ratio * lr`` over the last ``decay_fraction`` of the
     steps, shaped ``linear``, ``cosine`` or ``1-sqrt`` (the paper's best)."""
 
-    lr: float = 3e-4
+    lr: float = 1e-3  # suits the small CPU quickstart model; larger models want a lower lr (e.g. 3e-4) and more warmup
     weight_decay: float = 0.1  # applied to matrices (dim >= 2) only; norms and biases are not decayed
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine | wsd
+    schedule: Schedule = "cosine"  # cosine | wsd
     decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying, in (0, 1] (Hägele et al.: 0.2)
-    decay_shape: str = "1-sqrt"  # wsd: linear | cosine | 1-sqrt
+    decay_shape: DecayShape = "1-sqrt"  # wsd: linear | cosine | 1-sqrt
     # optimizer: adamw, or muon = Muon (Jordan et al. 2024) for the blocks' 2-D matrices + AdamW (the fields above)
     # for embeddings, LM head, norms and biases (framework.objectives.optimizers)
-    name: str = "adamw"
+    name: Optimizer = "adamw"
     muon_lr: float = 0.0  # Muon's peak LR before the per-matrix adjustment; 0 = optim.lr
     muon_momentum: float = 0.95  # Nesterov momentum of Muon's update
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     # match_rms_adamw (Liu et al. 2025): lr * 0.2 sqrt(max(out, in)), update RMS ~ AdamW's, so optim.lr and
     # weight_decay carry over; original (Jordan et al. 2024): lr * sqrt(max(1, out / in)), wants lr ~ 0.02
-    muon_adjust_lr: str = "match_rms_adamw"
+    muon_adjust_lr: MuonLrAdjustment = "match_rms_adamw"
 
 
 def check_optim(optim: OptimConfig, max_steps: int, strategy=None) -> None:

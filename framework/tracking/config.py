@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from framework.choices import WandbMode
+
 
 @dataclass
 class LoggerConfig:
@@ -17,4 +19,4 @@ class LoggerConfig:
     wandb_tags: list[str] = field(default_factory=list)
     # "auto": $WANDB_MODE when set, else online when credentials are set (WANDB_API_KEY or a netrc entry for
     # api.wandb.ai) and offline otherwise (sync later with `wandb sync <run_dir>/wandb/offline-run-*`)
-    wandb_mode: str = "auto"
+    wandb_mode: WandbMode = "auto"

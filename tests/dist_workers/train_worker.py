@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from framework.config import register_configs, to_run_config  # noqa: E402
+from framework.config import compose  # noqa: E402
 from framework.train import build_run  # noqa: E402
 
 
@@ -58,9 +57,7 @@ def main() -> None:
     resume = None
     if args and args[0] == "--resume":
         resume, args = args[1], args[2:]
-    register_configs()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
-        cfg = to_run_config(compose("train", overrides=args))
+    cfg = compose(args)
     torch.set_num_threads(1)
     trainer, module, dm, _ = build_run(cfg, out / "run")
     trainer.callbacks.append(Record(out))

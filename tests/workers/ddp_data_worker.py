@@ -13,9 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from framework.config import register_configs, to_run_config  # noqa: E402
+from framework.config import compose  # noqa: E402
 from framework.train import build_run  # noqa: E402
 
 
@@ -35,17 +34,14 @@ class RecordBatches(L.Callback):
 
 def main() -> None:
     run_dir, cache = Path(sys.argv[1]), sys.argv[2]
-    register_configs()
-    conf = str(Path(__file__).resolve().parents[2] / "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "model=tiny", "data.max_documents=800", "data.vocab_size=512", "data.seq_len=64",
-            "data.micro_batch_size=4", "data.num_proc=1", "data.val_windows=8", f"data.cache_dir={cache}",
-            "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
-            "trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp", "logger.csv=false",
-        ])
+    cfg = compose([
+        "model=tiny", "data.max_documents=800", "data.vocab_size=512", "data.seq_len=64",
+        "data.micro_batch_size=4", "data.num_proc=1", "data.val_windows=8", f"data.cache_dir={cache}",
+        "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp", "logger.csv=false",
+    ])
     torch.set_num_threads(1)
-    trainer, module, dm, _ = build_run(to_run_config(cfg), run_dir)
+    trainer, module, dm, _ = build_run(cfg, run_dir)
     trainer.callbacks.append(RecordBatches(run_dir))
     trainer.fit(module, datamodule=dm)
 

@@ -17,10 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from framework.config import register_configs, to_run_config  # noqa: E402
+from framework.config import compose  # noqa: E402
 from framework.train import build_run  # noqa: E402
 from stop_at import StopAt  # noqa: E402
 
@@ -40,10 +38,7 @@ class RecordWindows(L.Callback):
 
 def fit(out: Path, overrides: list[str], resume: str | None = None, stop_at: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
-        cfg = to_run_config(compose("train", overrides=overrides))
+    cfg = compose(overrides)
     trainer, module, dm, _ = build_run(cfg, out / "run")
     trainer.callbacks += [RecordWindows(out)] + ([StopAt(stop_at)] if stop_at else [])
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
