@@ -51,8 +51,8 @@ def _unknown_key(err: Any) -> str:
              else [str(k) for k in (err.parent_node.keys() if err.parent_node is not None else [])])
     close = difflib.get_close_matches(key, known, n=1)
     where = f"{parent}." if parent else ""
-    hint = f"did you mean {where}{close[0]}? " if close else ""
-    return (f"{full_key} is not a setting; {hint}the settings{' of ' + parent if parent else ''} are "
+    hint = f" (did you mean {where}{close[0]}?)" if close else ""
+    return (f"{full_key} is not a setting{hint}; the settings{' of ' + parent if parent else ''} are "
             f"{', '.join(known)}.")
 
 
@@ -100,7 +100,7 @@ def _bad_syntax(overrides: Sequence[str]) -> str:
 def explain(err: BaseException, overrides: Sequence[str] = ()) -> str:
     """One sentence for a Hydra or OmegaConf composition error: the key or value, and what to do."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
     if isinstance(err, ConfigError):
         return str(err)
@@ -109,12 +109,16 @@ def explain(err: BaseException, overrides: Sequence[str] = ()) -> str:
     if isinstance(err, OverrideParseException):
         return _bad_syntax(overrides)
     cause = err.__cause__ if isinstance(err, ConfigCompositionException) and err.__cause__ is not None else err
-    if isinstance(cause, ConfigKeyError):  # ConfigAttributeError too: a key the schema does not have
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):  # a key the schema does not have
         return _unknown_key(cause)
     if isinstance(cause, MissingMandatoryValue):
         return f"{cause.full_key} must be given (it is ??? in the composed config); add {cause.full_key}=<value>."
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return _bad_value(cause, overrides)
+    ambiguous = re.match(r"Ambiguous value for argument '(.*?)'", str(err))
+    if ambiguous:
+        return (f"{ambiguous.group(1)} gives several values; add -m to sweep over them, write key=[a,b] for a list "
+                "or quote the value for a string.")
     text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
     return text.rstrip(".") + "."
 
