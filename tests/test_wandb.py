@@ -125,38 +125,31 @@ def test_offline_run_files_hold_the_metrics_and_resume_keeps_the_run_id(compose,
 
 def test_multirun_members_share_the_sweep_group(tmp_path, no_credentials):
     """Members of a Hydra multirun (same hydra.sweep.dir, different job numbers) get one wandb group."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from framework.config import register_configs
+    from framework.config import compose_config
 
-    register_configs()
-    GlobalHydra.instance().clear()
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
     groups, names = [], []
     try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            for num in (0, 1):
-                cfg = compose(config_name="train", overrides=["name=lr-sweep"], return_hydra_config=True)
-                with open_dict(cfg):
-                    cfg.hydra.mode = RunMode.MULTIRUN
-                    cfg.hydra.job.num = num
-                HydraConfig.instance().set_config(cfg)
-                (logger,) = build_loggers(LoggerConfig(csv=False, wandb=True), tmp_path / str(num), "lr-sweep")
-                groups.append(logger._wandb_init["group"])
-                names.append(logger._wandb_init["name"])
-            cfg = compose(config_name="train", overrides=["name=lr-sweep"], return_hydra_config=True)
+        for num in (0, 1):
+            cfg = compose_config(["name=lr-sweep"], hydra_config=True)
             with open_dict(cfg):
-                cfg.hydra.mode = RunMode.RUN
+                cfg.hydra.mode = RunMode.MULTIRUN
+                cfg.hydra.job.num = num
             HydraConfig.instance().set_config(cfg)
-            (single,) = build_loggers(LoggerConfig(csv=False, wandb=True), tmp_path / "single", "lr-sweep")
-            (explicit,) = build_loggers(LoggerConfig(csv=False, wandb=True, wandb_group="mine"), tmp_path / "e", "x")
+            (logger,) = build_loggers(LoggerConfig(csv=False, wandb=True), tmp_path / str(num), "lr-sweep")
+            groups.append(logger._wandb_init["group"])
+            names.append(logger._wandb_init["name"])
+        cfg = compose_config(["name=lr-sweep"], hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.RUN
+        HydraConfig.instance().set_config(cfg)
+        (single,) = build_loggers(LoggerConfig(csv=False, wandb=True), tmp_path / "single", "lr-sweep")
+        (explicit,) = build_loggers(LoggerConfig(csv=False, wandb=True, wandb_group="mine"), tmp_path / "e", "x")
     finally:
         HydraConfig.instance().cfg = None
-        GlobalHydra.instance().clear()
     assert groups == ["lr-sweep", "lr-sweep"]  # the sweep directory multirun/lr-sweep
     assert names == ["lr-sweep-0", "lr-sweep-1"]
     assert single._wandb_init["group"] is None and single._wandb_init["name"] == "lr-sweep"
