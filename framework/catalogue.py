@@ -104,7 +104,7 @@ class StrategySpec:
     shard_within_node: bool = False
     offload: str = ""
     cuda_only: bool = False
-    runs_16bit_weights: bool = False  # mixed precision runs 16-bit weights (DeepSpeed; FSDP2's param_dtype), not autocast
+    runs_16bit_weights: bool = False  # mixed precision: 16-bit weights (DeepSpeed; FSDP2's param_dtype), not autocast
     fp16_loss_scaling: bool = True  # has a gradient scaler for float16 (Lightning's FSDP2 has no sharded one)
     description: str = ""
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from framework import catalogue
-from framework.catalogue import FSDP_SHARDINGS, PRECISION_BY_MODE, PRECISION_MODES, STRATEGIES, STRATEGY_NAMES, ZERO_STAGES
+from framework.catalogue import (FSDP_SHARDINGS, PRECISION_BY_MODE, PRECISION_MODES, STRATEGIES, STRATEGY_NAMES,
+                                 ZERO_STAGES)
 from framework.distributed.config import StrategyConfig
 
 
