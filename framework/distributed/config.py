@@ -3,16 +3,13 @@
 One override picks each: ``strategy=fsdp precision=bf16``. The option files in ``conf/strategy/`` and
 ``conf/precision/`` set these fields; ``framework.distributed.strategies.build_strategy`` turns them into a
 Lightning strategy and ``framework.distributed.precision.check_strategy_precision`` refuses pairs that
-cannot work before any process group or model is built.
+cannot work before any process group or model is built. The valid values (strategy names, FSDP shardings,
+ZeRO stages, precision modes) are listed once, in ``framework.catalogue``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
-FSDP_SHARDINGS = ("full", "shard_grad_op", "hybrid")
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
 
 
 @dataclass
