@@ -11,7 +11,7 @@ every run (``data.tokenizer_path``), so only tokenization is timed.
 Per size:
 - framework: ``fw-prepare`` (``python3 -m framework.cli prepare``) in a subprocess; wall time includes process
   start and config composition, the task's own seconds (meta.json) do not;
-- ceiling: in a fresh subprocess, the same tokenizer's ``encode_batch`` alone (``TOKENIZERS_PARALLELISM=true``:
+- ceiling: in a fresh subprocess, the same tokenizer's ``encode_batch_fast`` (``encode_batch`` where absent) alone (``TOKENIZERS_PARALLELISM=true``:
   its Rust thread pool on the same cores) over the same documents in chunks of ``--ceiling-chunk-bytes``
   (4 MB: few synchronisation points, its best case), timing only the ``encode_batch`` calls (not reading or
   parsing the JSONL);
@@ -162,10 +162,11 @@ CEILING = r"""
 import json, os, sys, time, glob
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1]); chunk_chars = int(sys.argv[3])
+encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the fastest batch call, as the framework uses
 seconds = tokens = 0.0
 def flush(texts):
     global seconds, tokens
-    t0 = time.perf_counter(); encodings = tok.encode_batch(texts, add_special_tokens=False)
+    t0 = time.perf_counter(); encodings = encode(texts, add_special_tokens=False)
     seconds += time.perf_counter() - t0; tokens += sum(len(e.ids) for e in encodings)
 texts, chars = [], 0
 for path in sorted(glob.glob(os.path.join(sys.argv[2], "*.jsonl"))):

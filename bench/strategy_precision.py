@@ -27,9 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() without a CUDA context
 sys.path.insert(0, str(REPO))
 
-STRATEGIES = ["auto", "ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "deepspeed_zero1", "deepspeed_zero2",
-              "deepspeed_zero3", "deepspeed_zero2_offload", "deepspeed_zero3_offload"]
-PRECISIONS = ["fp32", "fp16", "bf16", "bf16_true"]
+from framework.catalogue import PRECISIONS, STRATEGIES  # noqa: E402  every conf/strategy and conf/precision option
+
 PER_BLOCK = [("ddp", "bf16", ["strategy.compile=true"]), ("fsdp", "bf16", ["strategy.activation_checkpointing=true"]),
              ("fsdp", "bf16", ["strategy.compile=true"]),
              ("deepspeed_zero2", "bf16", ["strategy.activation_checkpointing=true"]),
@@ -125,8 +124,8 @@ def table(rows: list[tuple[str, str, str, dict]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
-    parser.add_argument("--precisions", nargs="+", default=PRECISIONS)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
     parser.add_argument("--per-block", action="store_true", help="also time activation checkpointing and compile")
     parser.add_argument("--model", default="gpt2-small")
     parser.add_argument("--seq-len", type=int, default=512)

@@ -65,7 +65,8 @@ from framework.objectives import objective_class  # noqa: E402
 from framework.objectives.base import module_kwargs  # noqa: E402
 from framework.objectives.config import ObjectiveConfig, OptimConfig  # noqa: E402
 from framework.scaling.hardware import detect_accelerator  # noqa: E402
-from framework.scaling.memory import GB, PRECISION_MODES, estimate_memory  # noqa: E402
+from framework.catalogue import PRECISION_BY_MODE  # noqa: E402
+from framework.scaling.memory import GB, estimate_memory  # noqa: E402
 from framework.scaling.planner import sequence_lengths  # noqa: E402
 
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, tuple(range(5, 105)))
@@ -77,7 +78,7 @@ VOCAB = {"clm": 50257, "mlm": 30522, "span_corruption": 32100}
 GPU_ROWS = ("gpt2-small:clm:32:1024", "gpt2-medium:clm:16:1024", "gpt-1.3b:clm:8:2048", "bert-base:mlm:64:512",
             "t5-base:span_corruption:64:512")
 TINY_ROWS = ("tiny:clm:4:32", "bert-tiny:mlm:4:32", "t5-tiny:span_corruption:4:32")
-MODE_PRECISION = {mode: key for key, mode in PRECISION_MODES.items()}  # "bf16-mixed" -> "bf16"
+MODE_PRECISION = {mode: spec.option for mode, spec in PRECISION_BY_MODE.items()}  # "bf16-mixed" -> "bf16"
 COLUMNS = ("model", "objective", "optimizer", "params", "seq len", "batch", "tokens/s", "MFU", "F/step",
            "Lightning step ms", "raw step ms", "Lightning/raw", "data wait", "peak mem GB", "planner GB", "peak/planner", "attention")
 

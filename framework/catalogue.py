@@ -19,23 +19,43 @@ PF_DAY_FLOPS = 1e15 * 86_400  # one petaFLOP/s-day = 8.64e19 FLOPs
 # --------------------------------------------------------------------------------------------- model families
 @dataclass(frozen=True)
 class FamilySpec:
-    """Traits of a model family that need no torch: how it attends, what it generates."""
+    """Traits of a model family that need no torch: how it attends, how it encodes positions, what it generates,
+    which transformers class it exports to. The FLOP count, the memory model, the parameter count, scoring and
+    generation read these traits instead of comparing family names."""
 
     name: str
     causal: bool  # attention: causal (decoder) or bidirectional
     has_decoder_stack: bool  # a separate decoder stack with cross-attention (T5)
-    generates: str  # "text" (left-to-right continuation), "spans" (fills <extra_id_N>), "" (cannot generate)
+    position: str  # "rope" (rotary, Su et al. 2021) or "relative_bias" (T5's bucketed bias, one table per stack)
+    generates: str  # "text" (left-to-right continuation), "spans" (fills <extra_id_N>), "masks" (fills <mask>)
+    hf_architecture: str  # the transformers class ``framework.export`` writes
+    hf_auto_class: str  # the transformers Auto class that loads it
     description: str
+
+    @property
+    def relative_position_bias(self) -> bool:
+        return self.position == "relative_bias"
 
 
 FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
-    FamilySpec("decoder", causal=True, has_decoder_stack=False, generates="text",
+    FamilySpec("decoder", causal=True, has_decoder_stack=False, position="rope", generates="text",
+               hf_architecture="LlamaForCausalLM", hf_auto_class="AutoModelForCausalLM",
                description="decoder-only, GPT/Llama-style (causal attention)"),
-    FamilySpec("encoder", causal=False, has_decoder_stack=False, generates="",
+    FamilySpec("encoder", causal=False, has_decoder_stack=False, position="rope", generates="masks",
+               hf_architecture="EuroBertForMaskedLM", hf_auto_class="AutoModelForMaskedLM",
                description="encoder-only, BERT-style (bidirectional attention)"),
-    FamilySpec("encoder_decoder", causal=False, has_decoder_stack=True, generates="spans",
+    FamilySpec("encoder_decoder", causal=False, has_decoder_stack=True, position="relative_bias", generates="spans",
+               hf_architecture="T5ForConditionalGeneration", hf_auto_class="AutoModelForSeq2SeqLM",
                description="encoder-decoder, T5 v1.1-style"),
 )}
+POSITIONS = ("rope", "relative_bias")
+
+
+def family_spec(name: str) -> FamilySpec:
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} is not one of {', '.join(FAMILIES)}; pick a preset with "
+                         "model=<name> or set model.family to one of those.")
+    return FAMILIES[name]
 
 
 # ------------------------------------------------------------------------------------------------- objectives
@@ -73,7 +93,9 @@ class StrategySpec:
     """One ``conf/strategy`` option. ``name`` is ``strategy.name`` (auto | ddp | fsdp | deepspeed);
     ``zero_stage`` says which model states are sharded (0 replicated, 1 optimizer, 2 + gradients, 3 + weights);
     ``shard_within_node``: sharded over one node's GPUs only (FSDP hybrid); ``offload``: '', 'optimizer' or
-    'params' (weights too); ``cuda_only``: refused on the CPU."""
+    'params' (weights too); ``cuda_only``: refused on the CPU; ``runs_16bit_weights``: under mixed precision
+    the model's weights are 16-bit (so activations follow the pure-bf16 pattern of ``framework.scaling.memory``);
+    ``fp16_loss_scaling``: precision=fp16 can run."""
 
     option: str
     name: str
@@ -82,26 +104,30 @@ class StrategySpec:
     shard_within_node: bool = False
     offload: str = ""
     cuda_only: bool = False
+    runs_16bit_weights: bool = False  # mixed precision: 16-bit weights (DeepSpeed; FSDP2's param_dtype), not autocast
+    fp16_loss_scaling: bool = True  # has a gradient scaler for float16 (Lightning's FSDP2 has no sharded one)
     description: str = ""
 
 
 # In order of increasing cost: ZeRO stages 1-2 move as many bytes per step as DDP's all-reduce (2 Psi),
 # stage 3 / full sharding 1.5x that (ZeRO sec. 7); offloading adds PCIe traffic and CPU Adam steps.
+_DEEPSPEED = dict(cuda_only=True, runs_16bit_weights=True)  # Lightning's DeepSpeed strategy refuses the CPU
+_FSDP = dict(runs_16bit_weights=True, fp16_loss_scaling=False)  # FSDP2 with MixedPrecisionPolicy(param_dtype)
 STRATEGIES: dict[str, StrategySpec] = {s.option: s for s in (
     StrategySpec("auto", "auto", 0, description="one device, nothing sharded"),
     StrategySpec("ddp", "ddp", 0, description="data parallel, everything replicated"),
-    StrategySpec("deepspeed_zero1", "deepspeed", 1, cuda_only=True, description="ZeRO stage 1: optimizer states sharded"),
-    StrategySpec("deepspeed_zero2", "deepspeed", 2, cuda_only=True,
+    StrategySpec("deepspeed_zero1", "deepspeed", 1, **_DEEPSPEED, description="ZeRO stage 1: optimizer states sharded"),
+    StrategySpec("deepspeed_zero2", "deepspeed", 2, **_DEEPSPEED,
                  description="ZeRO stage 2: optimizer states and gradients sharded"),
-    StrategySpec("fsdp_shard_grad_op", "fsdp", 2, fsdp_sharding="shard_grad_op",
+    StrategySpec("fsdp_shard_grad_op", "fsdp", 2, fsdp_sharding="shard_grad_op", **_FSDP,
                  description="FSDP SHARD_GRAD_OP (~ZeRO-2)"),
-    StrategySpec("fsdp_hybrid", "fsdp", 3, fsdp_sharding="hybrid", shard_within_node=True,
+    StrategySpec("fsdp_hybrid", "fsdp", 3, fsdp_sharding="hybrid", **_FSDP, shard_within_node=True,
                  description="FSDP hybrid: full shard in a node, replicated across nodes"),
-    StrategySpec("fsdp", "fsdp", 3, fsdp_sharding="full", description="FSDP full shard (~ZeRO-3)"),
-    StrategySpec("deepspeed_zero3", "deepspeed", 3, cuda_only=True, description="ZeRO stage 3: weights sharded too"),
-    StrategySpec("deepspeed_zero2_offload", "deepspeed", 2, offload="optimizer", cuda_only=True,
+    StrategySpec("fsdp", "fsdp", 3, fsdp_sharding="full", **_FSDP, description="FSDP full shard (~ZeRO-3)"),
+    StrategySpec("deepspeed_zero3", "deepspeed", 3, **_DEEPSPEED, description="ZeRO stage 3: weights sharded too"),
+    StrategySpec("deepspeed_zero2_offload", "deepspeed", 2, offload="optimizer", **_DEEPSPEED,
                  description="ZeRO-2 + optimizer on CPU"),
-    StrategySpec("deepspeed_zero3_offload", "deepspeed", 3, offload="params", cuda_only=True,
+    StrategySpec("deepspeed_zero3_offload", "deepspeed", 3, offload="params", **_DEEPSPEED,
                  description="ZeRO-3 + weights and optimizer on CPU"),
 )}
 STRATEGY_NAMES = tuple(dict.fromkeys(s.name for s in STRATEGIES.values()))  # auto, ddp, deepspeed, fsdp
@@ -138,6 +164,8 @@ class PrecisionSpec:
     state_bytes: tuple[int, int, int]  # weights, gradients, optimizer
     activation_bytes: int
 
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 PRECISIONS: dict[str, PrecisionSpec] = {p.option: p for p in (
     PrecisionSpec("fp32", "32-true", "float32", "float32", False, False, False, (4, 4, 8), 4),

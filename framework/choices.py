@@ -19,7 +19,7 @@ import dataclasses
 import enum
 from typing import Any, Iterable
 
-from framework.catalogue import FAMILIES, FSDP_SHARDINGS, OBJECTIVES, PRECISION_MODES, STRATEGY_NAMES
+from framework.catalogue import FAMILIES, FSDP_SHARDINGS, OBJECTIVES, POSITIONS, PRECISION_MODES, STRATEGY_NAMES
 
 
 class Choice(str, enum.Enum):
@@ -66,7 +66,7 @@ def _model_presets() -> list[str]:
 Objective = choice("Objective", OBJECTIVES)
 Family = choice("Family", FAMILIES)
 ModelPreset = choice("ModelPreset", _model_presets())
-Position = choice("Position", ["rope", "relative_bias"])
+Position = choice("Position", POSITIONS)
 StrategyName = choice("StrategyName", STRATEGY_NAMES)
 FsdpSharding = choice("FsdpSharding", FSDP_SHARDINGS)
 PrecisionMode = choice("PrecisionMode", PRECISION_MODES)

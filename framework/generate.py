@@ -195,40 +195,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _continue_text(model: nn.Module, tok, special: dict, prompt: str, args, knobs: dict) -> str:
+    """Decoder ("text"): continue the prompt after <eos>, the document start it saw in training."""
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    x = torch.tensor([[special["eos"]] + ids], device=args.device)
+    out = generate(model, x, args.max_new_tokens, eos_id=special["eos"], pad_id=special["pad"],
+                   use_cache=not args.no_cache, **knobs)
+    return prompt + tok.decode(out[0, x.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+def _fill_spans(model: nn.Module, tok, special: dict, prompt: str, args, knobs: dict) -> str:
+    """Encoder-decoder ("spans"): fill the prompt's <extra_id_N> sentinels (one appended when it has none)."""
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if not set(ids) & set(special["sentinels"]):
+        ids = ids + [special["sentinels"][0]]  # predict what follows the prompt
+    x = torch.tensor([ids + [special["eos"]]], device=args.device)
+    out = generate_seq2seq(model, x, args.max_new_tokens, eos_id=special["eos"], start_id=special["pad"],
+                           pad_id=special["pad"], use_cache=not args.no_cache, **knobs)
+    return tok.decode(out[0, 1:].tolist(), skip_special_tokens=False).replace("<pad>", "")
+
+
+def _fill_masks(model: nn.Module, tok, special: dict, prompt: str, args, knobs: dict) -> str:
+    """Encoder ("masks"): replace each <mask> in one forward pass (greedy unless a sampling knob is set)."""
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    knobs = dict(knobs, greedy=args.greedy or (args.temperature == 1.0 and args.top_k == 0 and args.top_p == 1.0))
+    out = fill_mask(model, torch.tensor([ids], device=args.device), special["mask"], **knobs)
+    return tok.decode(out[0].tolist(), skip_special_tokens=True)
+
+
+# per generation mode, ``framework.catalogue.FamilySpec.generates``
+GENERATION_MODES = {"text": _continue_text, "spans": _fill_spans, "masks": _fill_masks}
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     args = _parser().parse_args(argv)
+    from framework.catalogue import family_spec
     from framework.data.tokenizer import load_tokenizer
 
     model, hp = load_checkpoint(args.checkpoint)
     model.to(args.device)
     tok = load_tokenizer(args.tokenizer or find_tokenizer(Path(args.checkpoint), hp.get("tokenizer_path", "")))
-    special = hp["special_ids"]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
                  generator=generator)
-    family = hp["model_config"]["family"]
+    run = GENERATION_MODES[family_spec(hp["model_config"]["family"]).generates]
     outputs = []
     for prompt in args.prompt:
-        ids = tok.encode(prompt, add_special_tokens=False).ids
-        if family == "decoder":
-            x = torch.tensor([[special["eos"]] + ids], device=args.device)  # <eos> = document start, as in training
-            out = generate(model, x, args.max_new_tokens, eos_id=special["eos"], pad_id=special["pad"],
-                           use_cache=not args.no_cache, **knobs)
-            text = prompt + tok.decode(out[0, x.shape[1]:].tolist(), skip_special_tokens=True)
-        elif family == "encoder_decoder":
-            if not set(ids) & set(special["sentinels"]):
-                ids = ids + [special["sentinels"][0]]  # predict what follows the prompt
-            x = torch.tensor([ids + [special["eos"]]], device=args.device)
-            out = generate_seq2seq(model, x, args.max_new_tokens, eos_id=special["eos"], start_id=special["pad"],
-                                   pad_id=special["pad"], use_cache=not args.no_cache, **knobs)
-            text = tok.decode(out[0, 1:].tolist(), skip_special_tokens=False).replace("<pad>", "")
-        else:
-            knobs["greedy"] = args.greedy or (args.temperature == 1.0 and args.top_k == 0 and args.top_p == 1.0)
-            x = torch.tensor([ids], device=args.device)
-            out = fill_mask(model, x, special["mask"], **knobs)
-            text = tok.decode(out[0].tolist(), skip_special_tokens=True)
-        outputs.append(text)
-        print(text)
+        outputs.append(run(model, tok, hp["special_ids"], prompt, args, knobs))
+        print(outputs[-1])
     return outputs
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from framework.catalogue import OBJECTIVES, PRECISIONS, family_spec
 from framework.scaling import laws
-from framework.scaling.memory import PRECISION_MODES
 from framework.scaling.planner import (REPO_CONF, Plan, PlanRequest, make_budget, make_plan,
                                        positive_number)
 
@@ -33,7 +33,7 @@ MODEL_FIELDS = ("family", "d_model", "n_layers", "n_decoder_layers", "n_heads", 
 def experiment_dict(plan: Plan, name: str) -> dict:
     """The experiment config: ``# @package _global_`` overrides of the train config's groups and fields."""
     m = plan.model
-    preset = next(k for k, v in _presets().items() if v.get("family", "decoder") == m["family"])
+    preset = next(k for k, v in _presets().items() if v["family"] == m["family"])
     accum = plan.accumulate_grad_batches
     val_every_steps = max(1, min(1000, plan.steps // 10))
     exp: dict = {
@@ -65,7 +65,7 @@ def _presets() -> dict:
 def render_markdown(plan: Plan, name: str, run_command: str) -> str:
     m = plan.model
     shape = (f"{m['family']}: d_model {m['d_model']}, {m['n_layers']} layers"
-             + (f" + {m['n_decoder_layers']} decoder layers" if m["family"] == "encoder_decoder" else "")
+             + (f" + {m['n_decoder_layers']} decoder layers" if family_spec(m["family"]).has_decoder_stack else "")
              + f", {m['n_heads']} heads of {m['head_dim']} ({m['n_kv_heads']} KV heads), SwiGLU d_ff {m['d_ff']}, "
              f"vocab {m['vocab_size']} (padded to a multiple of {m['pad_vocab_multiple']}), tied embeddings "
              f"{m['tie_embeddings']}")
@@ -103,7 +103,7 @@ def render_markdown(plan: Plan, name: str, run_command: str) -> str:
         f"{plan.gpu_hours:.4g} GPU-hours",
         "",
         "## Memory per GPU",
-        f"Chosen: **{plan.strategy}** + {plan.precision} ({PRECISION_MODES[plan.precision]})"
+        f"Chosen: **{plan.strategy}** + {plan.precision} ({PRECISIONS[plan.precision].mode})"
         + (" with activation checkpointing" if plan.activation_checkpointing else "")
         + f": weights {mem['weights_gb']:.2f} + gradients {mem['gradients_gb']:.2f} + optimizer "
         f"{mem['optimizer_gb']:.2f} + activations {mem['activations_gb']:.2f} + buffers {mem['buffers_gb']:.2f} + "
@@ -113,15 +113,15 @@ def render_markdown(plan: Plan, name: str, run_command: str) -> str:
         f"Total GB per GPU at micro-batch {plan.micro_batch} (no activation checkpointing / with); "
         "`-` = not in conf/strategy, `x` = refused by the strategy x precision matrix on this GPU:",
         "",
-        "| strategy | " + " | ".join(PRECISION_MODES) + " |",
-        "|---|" + "---|" * len(PRECISION_MODES),
+        "| strategy | " + " | ".join(PRECISIONS) + " |",
+        "|---|" + "---|" * len(PRECISIONS),
     ]
     rows: dict[str, dict[str, list]] = {}
     for r in plan.memory_table:
         rows.setdefault(r["strategy"], {}).setdefault(r["precision"], []).append(r)
     for strategy, by_precision in rows.items():
         cells = []
-        for precision in PRECISION_MODES:
+        for precision in PRECISIONS:
             no_ckpt, ckpt = sorted(by_precision[precision], key=lambda r: r["checkpointing"])
             mark = " -" if not no_ckpt["available"] else " x" if no_ckpt.get("refused") else ""
             cells.append(f"{no_ckpt['total_gb']:.1f} / {ckpt['total_gb']:.1f}{mark}")
@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gpu-hours", help="GPU-hours on --gpu at --mfu")
     p.add_argument("--gpu", default="H100", help="GPU type from framework/scaling/hardware.py (V100, A100, H100, H200)")
     p.add_argument("--mfu", default="0.4", help="assumed model FLOPs utilization, 0-1 (default 0.4)")
-    p.add_argument("--precision", default="bf16", help=f"one of {', '.join(PRECISION_MODES)} (default bf16)")
-    p.add_argument("--objective", default="clm", help="clm (decoder), mlm (encoder), span_corruption (encoder-decoder)")
+    p.add_argument("--precision", default="bf16", help=f"one of {', '.join(PRECISIONS)} (default bf16)")
+    p.add_argument("--objective", default="clm",
+                   help=", ".join(f"{o.name} ({o.family})" for o in OBJECTIVES.values()) + " (default clm)")
     p.add_argument("--law", default=laws.DEFAULT_LAW,
                    help=f"one of {', '.join(laws.LAWS)} (default {laws.DEFAULT_LAW}), or a fit.json from recipes/isoflop.py")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_attach_negative_values(argv))
     try:
-        if args.precision not in PRECISION_MODES:
-            raise ValueError(f"--precision {args.precision!r} is not one of {', '.join(PRECISION_MODES)}.")
+        if args.precision not in PRECISIONS:
+            raise ValueError(f"--precision {args.precision!r} is not one of {', '.join(PRECISIONS)}.")
         budget = make_budget(flops=args.flops, pf_days=args.pf_days, gpu_hours=args.gpu_hours, gpu=args.gpu,
                              mfu=args.mfu, precision=args.precision)
         mfu = positive_number(args.mfu, "--mfu", "0.4")

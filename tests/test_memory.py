@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from framework.catalogue import STRATEGIES
 from framework.models import ModelConfig
-from framework.scaling.memory import (GB, PRECISION_STATE_BYTES, STRATEGY_SPECS, activation_bytes, activation_terms,
+from framework.scaling.memory import (GB, PRECISION_STATE_BYTES, activation_bytes, activation_terms,
                                       estimate_memory, korthikanti_activation_bytes, model_state_bytes,
                                       weight_copy_bytes)
 
@@ -78,7 +79,7 @@ def test_strategies_shard_as_documented():
     cfg = ModelConfig(d_model=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096)
     n = cfg.num_parameters()
     kw = dict(n_gpus=16, micro_batch=1, seq_len=4096, gpus_per_node=8)
-    by_name = {name: estimate_memory(cfg, n, name, "bf16", **kw) for name in STRATEGY_SPECS}
+    by_name = {name: estimate_memory(cfg, n, name, "bf16", **kw) for name in STRATEGIES}
     assert by_name["ddp"].model_states == pytest.approx(16 * n)
     assert by_name["fsdp"].model_states == pytest.approx(by_name["deepspeed_zero3"].model_states)
     assert by_name["fsdp"].model_states == pytest.approx(16 * n / 16)

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from framework.catalogue import FAMILIES, OBJECTIVES
 from framework.config import to_run_config
-from framework.export import HF_ARCHITECTURES, export_checkpoint, load_checkpoint
+from framework.export import export_checkpoint, load_checkpoint
 from framework.models import build_model
 from framework.train import build_run
 
@@ -38,7 +39,7 @@ def test_objective_trains_and_exports(objective, model, extra, compose, tmp_path
                  "optim.lr=3e-3", "logger=csv", "resume=never", "torch_threads=1", *extra]
     cfg = to_run_config(compose(overrides))
     trainer, module, datamodule, prepared = build_run(cfg, tmp_path)
-    assert module.model_config.family == {"clm": "decoder", "mlm": "encoder", "span_corruption": "encoder_decoder"}[objective]
+    assert module.model_config.family == OBJECTIVES[objective].family
     before = _val_loss(trainer, module, datamodule)
     trainer.fit(module, datamodule=datamodule)
     after = _val_loss(trainer, module, datamodule)
@@ -53,7 +54,7 @@ def test_objective_trains_and_exports(objective, model, extra, compose, tmp_path
     config, _, state, _ = load_checkpoint(checkpoint)
     ours = build_model(config).eval()
     ours.load_state_dict(state)
-    architecture, auto_class = HF_ARCHITECTURES[config.family]
+    architecture, auto_class = FAMILIES[config.family].hf_architecture, FAMILIES[config.family].hf_auto_class
     hf = getattr(transformers, auto_class).from_pretrained(out).eval()
     assert type(hf).__name__ == architecture
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

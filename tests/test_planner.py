@@ -12,18 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from framework import catalogue
 from framework import plan as plan_cli
 from framework.models import build_model
 from framework.models.config import ModelConfig
 from framework.objectives.config import ObjectiveConfig
 from framework.scaling import laws, planner
 from framework.scaling.hardware import peak_flops
-from framework.scaling.memory import STRATEGIES, estimate_memory
+from framework.scaling.memory import estimate_memory
 from framework.scaling.planner import PlanRequest, make_budget, make_plan
 from framework.scaling.shapes import ShapeFamily, search_shape
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILIES = ["decoder", "encoder", "encoder_decoder"]
+FAMILIES = list(catalogue.FAMILIES)
 
 
 def _unique_numel(model: torch.nn.Module) -> int:
@@ -81,15 +82,15 @@ def test_strategy_is_the_cheapest_that_fits_and_time_is_consistent():
                       gpu="A100-40GB", n_gpus=16, gpus_per_node=8, mfu=0.45, precision="bf16", seq_len=2048)
     p = make_plan(req)
     cfg = p.model_config()
-    order = [s.name for s in STRATEGIES]
+    order = list(catalogue.STRATEGIES)
     chosen = order.index(p.strategy)
     assert p.chosen_memory["total_gb"] <= 0.9 * 40
-    for spec in STRATEGIES[:chosen]:  # every cheaper usable strategy fails even at micro-batch 1
-        if spec.name == "auto" or planner.refusal(spec.name, "bf16", "A100-40GB"):
+    for option in order[:chosen]:  # every cheaper usable strategy fails even at micro-batch 1
+        if option == "auto" or planner.refusal(option, "bf16", "A100-40GB"):
             continue
-        est = estimate_memory(cfg, p.n_params, spec.name, "bf16", 16, 1, 2048, gpus_per_node=8,
+        est = estimate_memory(cfg, p.n_params, option, "bf16", 16, 1, 2048, gpus_per_node=8,
                               checkpointing=p.activation_checkpointing)
-        assert not est.fits(40e9), spec.name
+        assert not est.fits(40e9), option
     assert p.strategy != "ddp"  # ~4B parameters x 16 bytes do not fit 40 GB replicated
     # time: exact FLOPs at 45 % of 16 A100s; GPU-hours equal the budget scaled by exact / 6ND FLOPs
     assert p.wall_clock_hours == pytest.approx(p.flops_exact / (16 * peak_flops("A100", "bf16") * 0.45) / 3600)
@@ -164,6 +165,6 @@ def test_plans_for_other_objectives_compose_and_validate(objective, tmp_path, co
     cfg = to_run_config(compose([f"hydra.searchpath=[file://{tmp_path}]", f"experiment=p_{objective}"], tiny=False))
     assert cfg.objective.name == objective and cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
     model = resolve_model(cfg.model).replace(vocab_size=cfg.data.vocab_size)
-    assert model.family == planner.OBJECTIVE_FAMILY[objective]
+    assert model.family == catalogue.OBJECTIVES[objective].family
     assert model.num_parameters() == planned["n_params"]
     assert cfg.precision.mode == "bf16-mixed" and cfg.strategy.name in ("ddp", "fsdp", "deepspeed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from framework.catalogue import PRECISIONS, STRATEGIES
 from framework.config import to_run_config
 from framework.distributed.config import StrategyConfig
 from framework.distributed.deepspeed_config import deepspeed_config
@@ -14,9 +15,8 @@ from framework.distributed.precision import DeviceInfo, check_strategy_precision
 from framework.distributed.strategies import build_strategy
 from framework.models import ModelConfig, build_model
 
-STRATEGY_OPTIONS = ["auto", "ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "deepspeed_zero1", "deepspeed_zero2",
-                    "deepspeed_zero3", "deepspeed_zero2_offload", "deepspeed_zero3_offload"]
-PRECISION_OPTIONS = ["fp32", "fp16", "bf16", "bf16_true"]
+STRATEGY_OPTIONS = list(STRATEGIES)
+PRECISION_OPTIONS = list(PRECISIONS)
 CPU = DeviceInfo("cpu")
 H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", bf16_supported=True)
 V100 = DeviceInfo("cuda", "Tesla V100-SXM2-32GB", bf16_supported=False)
@@ -74,10 +74,10 @@ def test_every_strategy_precision_pair_runs_or_is_refused_with_its_sentence(opti
     (StrategyConfig(name="deepspeed", zero_stage=4),
      "strategy.zero_stage=4 is not a ZeRO stage; use strategy=deepspeed_zero1, deepspeed_zero2 or deepspeed_zero3."),
     (StrategyConfig(name="fsdp", fsdp_sharding="shard_everything"),
-     "strategy.fsdp_sharding='shard_everything' is not one of full, shard_grad_op, hybrid; "
-     "use strategy=fsdp, fsdp_shard_grad_op or fsdp_hybrid."),
+     "strategy.fsdp_sharding='shard_everything' is not one of shard_grad_op, hybrid, full; "
+     "use strategy=fsdp_shard_grad_op, fsdp_hybrid or fsdp."),
     (StrategyConfig(name="megatron"),
-     "strategy.name='megatron' is not one of auto, ddp, fsdp, deepspeed; pick an option from conf/strategy/ "
+     "strategy.name='megatron' is not one of auto, ddp, deepspeed, fsdp; pick an option from conf/strategy/ "
      "(strategy=ddp, strategy=fsdp, strategy=deepspeed_zero2, ...)."),
 ])
 def test_inconsistent_strategy_fields_are_refused(bad, message):

@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-PF_DAY_FLOPS = 1e15 * 86_400  # FLOPs in one petaFLOP/s-day
+from framework.catalogue import PF_DAY_FLOPS  # FLOPs in one petaFLOP/s-day
 
 
 def pf_days(flops: float) -> float:

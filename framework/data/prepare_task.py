@@ -1,7 +1,7 @@
 """One preparation task: tokenize a contiguous share of the corpus into its own shards (``framework.data.shards``).
 
 Pipeline: this process reads documents and groups them into chunks of about ``data.prepare_chunk_bytes``
-characters; ``data.num_proc`` forked workers each run the tokenizer's ``encode_batch`` (single-threaded) on a
+characters; ``data.num_proc`` forked workers each run the tokenizer's ``encode_batch_fast`` (single-threaded) on a
 chunk and return it as two flat arrays in the shard dtype (train and validation tokens, ``<eos>`` after each
 document) with the offsets of document starts; this process writes them with one ``tofile`` per shard piece.
 At most ``2 * num_proc`` chunks are in flight, so memory is bounded by the chunk size and the worker count,
@@ -51,12 +51,15 @@ def _worker_init(tokenizer_path: str, val_fraction: float, eos: int, dtype: str)
 def encode_chunk(docs: Chunk) -> dict:
     """A chunk of documents -> {"train"/"val": (tokens in the shard dtype, int64 document starts, documents),
     "reasons": {curation reason or None: tokens incl. <eos>}}."""
-    encodings = _worker["tok"].encode_batch([text for _, text, _ in docs], add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(docs))
-    flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=_worker["dtype"],
-                       count=int(lengths.sum()))
-    flat = np.insert(flat, np.cumsum(lengths), _worker["eos"])  # <eos> after every document
-    lengths += 1
+    tok = _worker["tok"]
+    # encode_batch_fast skips the character offsets nothing here reads; each Encoding's ``ids`` builds a new
+    # Python list, so it is read once per document
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    ids = [e.ids for e in encode([text for _, text, _ in docs], add_special_tokens=False)]
+    for doc in ids:
+        doc.append(_worker["eos"])  # <eos> after every document
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(docs))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_worker["dtype"], count=int(lengths.sum()))
     kept = np.array([reason is None for _, _, reason in docs], dtype=bool)
     val = np.array([is_validation(doc_id, _worker["val_fraction"]) for doc_id, _, _ in docs], dtype=bool)
     reasons: dict[str | None, int] = {}

@@ -3,18 +3,15 @@
 One override picks each: ``strategy=fsdp precision=bf16``. The option files in ``conf/strategy/`` and
 ``conf/precision/`` set these fields; ``framework.distributed.strategies.build_strategy`` turns them into a
 Lightning strategy and ``framework.distributed.precision.check_strategy_precision`` refuses pairs that
-cannot work before any process group or model is built.
+cannot work before any process group or model is built. The valid values (strategy names, FSDP shardings,
+ZeRO stages, precision modes) are listed once, in ``framework.catalogue``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.choices import FsdpSharding, PrecisionMode, StrategyName, names
-
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")  # the order of messages; the same names as choices.StrategyName
-FSDP_SHARDINGS = ("full", "shard_grad_op", "hybrid")
-PRECISIONS = tuple(names(PrecisionMode))
+from framework.choices import FsdpSharding, PrecisionMode, StrategyName
 
 
 @dataclass

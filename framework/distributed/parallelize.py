@@ -2,8 +2,9 @@
 
 The torchtitan recipe (``parallelize_llama``): for every transformer block, first activation checkpointing,
 then ``torch.compile``, then ``fully_shard``; finally ``fully_shard`` the root so the embedding, final norm and
-head form one more unit. Blocks are found generically: every ``nn.ModuleList`` whose items hold parameters
-(``Decoder.blocks``, ``Encoder.blocks``, ``EncoderDecoder.encoder_blocks`` / ``decoder_blocks``).
+head form one more unit. The blocks are the lists each family's registration names
+(``framework.models.registry``: ``Decoder.blocks``, ``Encoder.blocks``, ``EncoderDecoder.encoder_blocks`` /
+``decoder_blocks``).
 
 Both per-block options keep parameter names unchanged (no wrapper module, no ``_orig_mod.`` or
 ``_checkpoint_wrapped_module.`` prefix), so a checkpoint's state_dict keys are the same under every strategy.
@@ -20,18 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from framework.distributed.config import StrategyConfig
+from framework.models.registry import block_lists
 
 _PARALLELIZED = "_framework_parallelized"  # set on a model once parallelize() ran (Lightning calls hooks again)
-
-
-def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """Every ModuleList of repeated blocks in ``model``: lists whose every item owns parameters."""
-    lists = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-                any(True for _ in item.parameters()) for item in module):
-            lists.append(module)
-    return lists
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:

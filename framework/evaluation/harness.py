@@ -22,6 +22,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from framework.catalogue import family_spec
 from framework.evaluation.local_tasks import resolve_tasks, task_dirs
 from framework.evaluation.scoring import rolling_requests, score_requests
 
@@ -116,7 +117,7 @@ class FrameworkLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         """Greedy (or sampled, with do_sample) continuation of a decoder, cut at the first ``until`` string."""
-        if self.family != "decoder":
+        if family_spec(self.family).generates != "text":
             raise NotImplementedError(f"generation tasks need a decoder checkpoint; this one is {self.family}, "
                                       "which the harness can score with log-likelihood tasks only.")
         from framework.generate import generate

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from framework.catalogue import family_spec
+
 Request = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
 Score = tuple[float, bool]  # (summed log-probability in nats, every continuation token is the argmax)
 
@@ -66,7 +68,8 @@ def score_decoder(model: nn.Module, requests: list[Request], special: dict, batc
 
 
 @torch.no_grad()
-def score_encoder_decoder(model: nn.Module, requests: list[Request], special: dict) -> list[Score]:
+def score_encoder_decoder(model: nn.Module, requests: list[Request], special: dict, batch_size: int = 1) -> list[Score]:
+    """One request per forward pass (``batch_size`` is not used)."""
     limit = model.config.max_seq_len
     _check(requests, limit, 1)
     device = next(model.parameters()).device
@@ -82,7 +85,8 @@ def score_encoder_decoder(model: nn.Module, requests: list[Request], special: di
 
 
 @torch.no_grad()
-def score_encoder(model: nn.Module, requests: list[Request], special: dict) -> list[Score]:
+def score_encoder(model: nn.Module, requests: list[Request], special: dict, batch_size: int = 1) -> list[Score]:
+    """One request per forward pass, a batch of its masked copies (``batch_size`` is not used)."""
     limit = model.config.max_seq_len
     _check(requests, limit, 0)
     device = next(model.parameters()).device
@@ -101,14 +105,11 @@ def score_encoder(model: nn.Module, requests: list[Request], special: dict) -> l
 
 def score_requests(model: nn.Module, family: str, requests: list[Request], special: dict,
                    batch_size: int = 16) -> list[Score]:
-    """One (log-probability, is_greedy) per (context, continuation) pair, in the order given."""
-    if family == "decoder":
-        return score_decoder(model, requests, special, batch_size)
-    if family == "encoder_decoder":
-        return score_encoder_decoder(model, requests, special)
-    if family == "encoder":
-        return score_encoder(model, requests, special)
-    raise ValueError(f"no log-likelihood scoring for model family {family!r}.")
+    """One (log-probability, is_greedy) per (context, continuation) pair, in the order given, by the scorer the
+    family's registration names (``framework.models.registry``)."""
+    from framework.models.registry import family as registration  # the registry imports this module
+
+    return registration(family).score(model, requests, special, batch_size)
 
 
 def rolling_requests(family: str, tokens: list[int], limit: int) -> list[Request]:
@@ -117,7 +118,9 @@ def rolling_requests(family: str, tokens: list[int], limit: int) -> list[Request
     decoder: windows of ``limit`` tokens, each conditioned on what precedes it (``score_decoder`` keeps the end of
     the context that fits, so window 1 sees <eos>, later ones the last token before them; the harness's
     ``get_rolling_token_windows`` with context_len=1). encoder and encoder_decoder: windows of ``limit - 1``
-    tokens scored on their own (pseudo-log-likelihood, or the decoder's infilling of an empty prompt)."""
-    size = limit if family == "decoder" else limit - 1
-    return [(tokens[max(0, start - 1):start] if family == "decoder" else [], tokens[start:start + size])
+    tokens scored on their own (pseudo-log-likelihood, or the decoder's infilling of an empty prompt).
+    The causal trait (``framework.catalogue.FAMILIES``) tells the two apart."""
+    causal = family_spec(family).causal
+    size = limit if causal else limit - 1
+    return [(tokens[max(0, start - 1):start] if causal else [], tokens[start:start + size])
             for start in range(0, len(tokens), size)]

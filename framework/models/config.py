@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("decoder", "encoder", "encoder_decoder")
+from framework.catalogue import POSITIONS, family_spec
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -51,11 +51,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(
-                f"model.family={self.family!r} is not one of {FAMILIES}; pick a preset with model=<name> "
-                f"or set model.family to one of those."
-            )
+        traits = family_spec(self.family)  # raises for an unknown family
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.head_dim == 0:
@@ -71,10 +67,10 @@ class ModelConfig:
             )
         if self.d_ff == 0:
             self.d_ff = _round_up(int(8 * self.d_model / 3), self.ffn_multiple)
-        if self.family == "encoder_decoder" and self.n_decoder_layers == 0:
+        if traits.has_decoder_stack and self.n_decoder_layers == 0:
             self.n_decoder_layers = self.n_layers
-        if self.position not in ("rope", "relative_bias"):
-            raise ValueError(f"model.position={self.position!r} must be 'rope' or 'relative_bias'.")
+        if self.position not in POSITIONS:
+            raise ValueError(f"model.position={self.position!r} must be one of {', '.join(POSITIONS)}.")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}.")
 
@@ -144,11 +140,10 @@ def count_parameters(cfg: ModelConfig) -> int:
     norms = 2 * d  # pre-attention and pre-MLP RMSNorm weights
     embed = v * d
     head = 0 if cfg.tie_embeddings else v * d
-    if cfg.family in ("decoder", "encoder"):  # same layer stack; only the attention mask differs
-        return embed + cfg.n_layers * (attn + mlp + norms) + d + head
-    if cfg.family == "encoder_decoder":
-        position_bias = cfg.relative_attention_num_buckets * cfg.n_heads  # one table per stack
-        encoder = cfg.n_layers * (attn + mlp + norms) + position_bias + d
-        decoder = cfg.n_decoder_layers * (2 * attn + mlp + 3 * d) + position_bias + d  # self + cross attention
-        return embed + encoder + decoder + head
-    raise NotImplementedError(f"no parameter count for model family {cfg.family!r} yet")
+    layer = attn + mlp + norms
+    traits = family_spec(cfg.family)
+    position_bias = cfg.relative_attention_num_buckets * cfg.n_heads if traits.relative_position_bias else 0
+    stacks = embed + cfg.n_layers * layer + position_bias + d + head  # (encoder) stack + its final norm
+    if traits.has_decoder_stack:  # decoder layers: self + cross attention, three norms; its own bias and final norm
+        stacks += cfg.n_decoder_layers * (2 * attn + mlp + 3 * d) + position_bias + d
+    return stacks

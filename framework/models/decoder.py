@@ -15,8 +15,9 @@ from framework.models.layers import KVCache, RotaryStack
 
 class Decoder(RotaryStack):
     def __init__(self, config: ModelConfig) -> None:
-        if config.family != "decoder":
-            raise ValueError(f"Decoder needs a decoder-family config, got family={config.family!r}.")
+        from framework.models.registry import check_config  # the registry imports this module
+
+        check_config(self, config)
         super().__init__(config)
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,

@@ -20,11 +20,9 @@ from framework.models.layers import RotaryStack, padding_keep_mask
 
 class Encoder(RotaryStack):
     def __init__(self, config: ModelConfig) -> None:
-        if config.family != "encoder":
-            raise ValueError(f"Encoder needs an encoder-family config, got family={config.family!r}.")
-        if config.position != "rope":
-            raise ValueError("encoder models use rotary positions; set model.position=rope "
-                             "(relative position bias is for the encoder_decoder family).")
+        from framework.models.registry import check_config  # the registry imports this module
+
+        check_config(self, config)
         super().__init__(config)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

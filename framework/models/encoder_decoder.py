@@ -58,10 +58,9 @@ class CrossAttentionBlock(nn.Module):
 class EncoderDecoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.family != "encoder_decoder":
-            raise ValueError(f"EncoderDecoder needs an encoder_decoder-family config, got family={config.family!r}.")
-        if config.position != "relative_bias":
-            raise ValueError("encoder_decoder models use T5's relative position bias; set model.position=relative_bias.")
+        from framework.models.registry import check_config  # the registry imports this module
+
+        check_config(self, config)
         self.config = c = config
         self.embed = nn.Embedding(c.padded_vocab_size, c.d_model)
         buckets, distance = c.relative_attention_num_buckets, c.relative_attention_max_distance

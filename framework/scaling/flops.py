@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from framework.catalogue import family_spec
 from framework.models.config import ModelConfig
 
 TRAINING_FORWARD_MULTIPLIER = 3  # forward + backward (grad wrt inputs and wrt weights)
@@ -83,12 +84,12 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: i
     """
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}.")
-    if cfg.family in ("decoder", "encoder"):
+    if not family_spec(cfg.family).has_decoder_stack:  # decoder / encoder: one stack of self-attention blocks
         proj, scores = _attention(cfg, seq_len, seq_len)
         layers = cfg.n_layers
         head_per_seq = seq_len
         breakdown = (layers * proj, layers * scores, layers * _mlp(cfg, seq_len))
-    elif cfg.family == "encoder_decoder":
+    else:  # encoder + decoder stack with cross-attention
         if not target_len or target_len <= 0:
             raise ValueError("an encoder_decoder FLOP count needs target_len (the decoder's length).")
         enc_proj, enc_scores = _attention(cfg, seq_len, seq_len)
@@ -101,8 +102,6 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: i
             n_enc * _mlp(cfg, seq_len) + n_dec * _mlp(cfg, target_len),
         )
         head_per_seq = target_len
-    else:
-        raise ValueError(f"no FLOP count for model family {cfg.family!r}.")
     rows = batch_size * head_per_seq if head_rows is None else head_rows
     return FlopsBreakdown(*(batch_size * x for x in breakdown), 2 * rows * cfg.d_model * _vocab(cfg))
 

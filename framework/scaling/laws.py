@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-PF_DAY_FLOPS = 1e15 * 24 * 3600  # 8.64e19 FLOPs in one petaflop/s-day
+from framework.catalogue import PF_DAY_FLOPS  # 8.64e19 FLOPs in one petaflop/s-day
+
 FLOPS_PER_PARAM_TOKEN = 6  # C = 6 N D (Kaplan et al. 2020 sec. 2.1; Hoffmann et al. eq. 4's constraint)
 
 

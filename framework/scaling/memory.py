@@ -90,6 +90,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from framework.catalogue import DTYPE_BYTES, PRECISIONS, STRATEGIES, StrategySpec, family_spec
 from framework.models.config import ModelConfig
 
 GB = 1e9  # ZeRO's and the vendors' gigabytes
@@ -109,45 +110,16 @@ class StateBytes:
         return self.weights + self.gradients + self.optimizer
 
 
-# keys are the ``precision`` config group's option names (conf/precision/*.yaml)
-PRECISION_STATE_BYTES: dict[str, StateBytes] = {
-    "fp32": StateBytes(4, 4, 8, 4),
-    "fp16": StateBytes(2, 2, 12, 2),
-    "bf16": StateBytes(2, 2, 12, 2),
-    "bf16_true": StateBytes(2, 2, 4, 2),
-}
-PRECISION_MODES = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "bf16_true": "bf16-true"}
+# keys are the ``precision`` config group's option names (conf/precision/*.yaml), facts from the catalogue
+PRECISION_STATE_BYTES: dict[str, StateBytes] = {o: StateBytes(*p.state_bytes, p.activation_bytes)
+                                                for o, p in PRECISIONS.items()}
 
 
-@dataclass(frozen=True)
-class StrategySpec:
-    """How a strategy shards model states. ``zero_stage`` 0 = replicated (DDP); ``shard_within_node``:
-    states are sharded over the GPUs of one node only (FSDP hybrid shard); ``offload``: '', 'optimizer'
-    (optimizer states and fp32 gradients on CPU) or 'params' (weights too)."""
-
-    name: str
-    zero_stage: int
-    shard_within_node: bool = False
-    offload: str = ""
-    description: str = ""
-
-
-# In order of increasing cost: ZeRO stages 1-2 move as many bytes per step as DDP's all-reduce (2 Psi),
-# stage 3 / full sharding 1.5x that (ZeRO sec. 7); offloading adds PCIe traffic and CPU Adam steps.
-STRATEGIES: tuple[StrategySpec, ...] = (
-    StrategySpec("auto", 0, description="one device, nothing sharded"),
-    StrategySpec("ddp", 0, description="data parallel, everything replicated"),
-    StrategySpec("deepspeed_zero1", 1, description="ZeRO stage 1: optimizer states sharded"),
-    StrategySpec("deepspeed_zero2", 2, description="ZeRO stage 2: optimizer states and gradients sharded"),
-    StrategySpec("fsdp_shard_grad_op", 2, description="FSDP SHARD_GRAD_OP (~ZeRO-2)"),
-    StrategySpec("fsdp_hybrid", 3, shard_within_node=True, description="FSDP hybrid: full shard in a node, "
-                                                                       "replicated across nodes"),
-    StrategySpec("fsdp", 3, description="FSDP full shard (~ZeRO-3)"),
-    StrategySpec("deepspeed_zero3", 3, description="ZeRO stage 3: weights sharded too"),
-    StrategySpec("deepspeed_zero2_offload", 2, offload="optimizer", description="ZeRO-2 + optimizer on CPU"),
-    StrategySpec("deepspeed_zero3_offload", 3, offload="params", description="ZeRO-3 + weights and optimizer on CPU"),
-)
-STRATEGY_SPECS = {s.name: s for s in STRATEGIES}
+def strategy_spec(strategy: str) -> StrategySpec:
+    """The catalogue entry of the conf/strategy option ``strategy``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}.")
+    return STRATEGIES[strategy]
 
 
 def model_state_bytes(n_params: float, stage: int, shards: int, state: StateBytes) -> dict[str, float]:
@@ -173,13 +145,10 @@ class ActivationDtypes:
     autocast: bool  # torch autocast: every matmul casts its float32 input anew, weights cast once and cached
 
 
-# keys are the ``precision`` config group's option names
+# keys are the ``precision`` config group's option names: residual = the master weights' dtype (float32 under
+# autocast), compute = the matmuls' dtype
 ACTIVATION_DTYPES: dict[str, ActivationDtypes] = {
-    "fp32": ActivationDtypes(4, 4, False),
-    "fp16": ActivationDtypes(4, 2, True),
-    "bf16": ActivationDtypes(4, 2, True),
-    "bf16_true": ActivationDtypes(2, 2, False),
-}
+    o: ActivationDtypes(DTYPE_BYTES[p.master], DTYPE_BYTES[p.compute], p.autocast) for o, p in PRECISIONS.items()}
 
 
 def activation_dtypes(precision: str, strategy: str = "auto") -> ActivationDtypes:
@@ -188,7 +157,7 @@ def activation_dtypes(precision: str, strategy: str = "auto") -> ActivationDtype
     if precision not in ACTIVATION_DTYPES:
         raise ValueError(f"unknown precision {precision!r}; known: {', '.join(ACTIVATION_DTYPES)}.")
     dtypes = ACTIVATION_DTYPES[precision]
-    if dtypes.autocast and strategy.startswith(("deepspeed", "fsdp")):
+    if dtypes.autocast and strategy_spec(strategy).runs_16bit_weights:
         return ActivationDtypes(2, 2, False)
     return dtypes
 
@@ -264,9 +233,10 @@ def activation_terms(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
                 terms.extend(layer)
 
     s = seq_len
-    if cfg.family == "encoder_decoder":
+    traits = family_spec(cfg.family)
+    if traits.has_decoder_stack:
         t = target_len or seq_len
-        layers([block(s, bias=True)] * cfg.n_layers, s)
+        layers([block(s, bias=traits.relative_position_bias)] * cfg.n_layers, s)
         layers([cross_block(t, s)] * cfg.n_decoder_layers, t)
         # once per stack: bucket ids (int64); the bias itself when not cast per layer (or held by checkpointing)
         # (without autocast c = r: the stack's tensors are saved as they are, in the residual dtype)
@@ -283,7 +253,7 @@ def activation_terms(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
         terms.append(consumers(rows, 1))
         add("token ids and targets (int64)", 8 * (b * s + 2 * b * t), False)
     else:
-        layers([block(s, bias=False)] * cfg.n_layers, s)
+        layers([block(s, bias=traits.relative_position_bias)] * cfg.n_layers, s)
         terms.extend(norm(b * s))  # final norm over every position
         if head_rows is None:
             rows = b * s
@@ -308,7 +278,7 @@ def korthikanti_activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: in
     scaled by ``bytes_per_element`` / 2, plus the float32 logits 4 s b V (sec. 4.1)."""
     b, h, s = micro_batch, cfg.d_model, seq_len
     per_layer = bytes_per_element / 2 * 34 * s * b * h
-    if cfg.family == "encoder_decoder":
+    if family_spec(cfg.family).has_decoder_stack:
         t = target_len or seq_len
         decoder = bytes_per_element / 2 * 45 * t * b * h
         return cfg.n_layers * per_layer + cfg.n_decoder_layers * decoder + 4 * t * b * cfg.padded_vocab_size
@@ -321,7 +291,7 @@ def linear_params(cfg: ModelConfig) -> int:
     attn = 2 * d * q + 2 * d * cfg.n_kv_heads * cfg.head_dim
     mlp = 3 * d * cfg.d_ff
     n = cfg.n_layers * (attn + mlp) + cfg.padded_vocab_size * d
-    if cfg.family == "encoder_decoder":
+    if family_spec(cfg.family).has_decoder_stack:
         n += cfg.n_decoder_layers * (2 * attn + mlp)
     return n
 
@@ -377,7 +347,7 @@ def largest_layer_params(cfg: ModelConfig) -> int:
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + 2 * d * cfg.n_kv_heads * hd
     block = attn + 3 * d * cfg.d_ff + 2 * d
-    if cfg.family == "encoder_decoder":
+    if family_spec(cfg.family).has_decoder_stack:
         block += attn + d  # cross-attention and its norm
     return max(block, cfg.padded_vocab_size * d)
 
@@ -388,11 +358,10 @@ def estimate_memory(cfg: ModelConfig, n_params: int, strategy: str, precision: s
     """Per-GPU memory of training ``cfg`` (``n_params`` parameters) with ``strategy`` and ``precision`` on
     ``n_gpus`` GPUs, micro-batches of ``micro_batch`` sequences of ``seq_len`` tokens (``head_rows``: LM-head
     rows per sequence, masked LM's selected positions; default every position)."""
-    if strategy not in STRATEGY_SPECS:
-        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGY_SPECS)}.")
+    spec = strategy_spec(strategy)
     if precision not in PRECISION_STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISION_STATE_BYTES)}.")
-    spec, state = STRATEGY_SPECS[strategy], PRECISION_STATE_BYTES[precision]
+    state = PRECISION_STATE_BYTES[precision]
     shards = min(n_gpus, gpus_per_node) if spec.shard_within_node else n_gpus
     stage = spec.zero_stage if n_gpus > 1 else 0  # nothing to shard over on one GPU
     states = model_state_bytes(n_params, stage, shards, state)

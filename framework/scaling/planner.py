@@ -22,16 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from framework.catalogue import OBJECTIVES, PRECISIONS, STRATEGIES, family_spec
 from framework.models.config import ModelConfig
 from framework.scaling import flops as flops_mod
 from framework.scaling import laws
 from framework.scaling.hardware import PRECISION_DTYPE, get_accelerator, peak_flops
-from framework.scaling.memory import (GB, PRECISION_MODES, PRECISION_STATE_BYTES, STRATEGIES, STRATEGY_SPECS,
-                                      MemoryEstimate, estimate_memory)
+from framework.scaling.memory import GB, MemoryEstimate, estimate_memory
 from framework.scaling.shapes import BudgetTooSmall, search_shape
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
-OBJECTIVE_FAMILY = {"clm": "decoder", "mlm": "encoder", "span_corruption": "encoder_decoder"}
 # the objectives' defaults (framework.objectives.config.ObjectiveConfig; importing it would load Lightning):
 MASK_PROBABILITY = 0.15  # BERT (Devlin et al. 2019, sec. 3.1)
 NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH = 0.15, 3.0  # T5 (Raffel et al. 2020, sec. 3.1.4)
@@ -193,7 +192,7 @@ def refusal(strategy: str, precision: str, gpu: str, conf_dir: Path = REPO_CONF)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StrategyConfig), OmegaConf.load(path)))
     acc = get_accelerator(gpu)
     try:
-        check_strategy_precision(cfg, PRECISION_MODES[precision], DeviceInfo("cuda", acc.name, "bf16" in acc.peak_flops))
+        check_strategy_precision(cfg, PRECISIONS[precision].mode, DeviceInfo("cuda", acc.name, "bf16" in acc.peak_flops))
     except ValueError as e:
         return str(e)
     return None
@@ -208,16 +207,16 @@ def _supports_checkpointing() -> bool:
 def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_batch: int, seq_len: int,
                     target_len: int | None, capacity: float, strategies: list[str],
                     head_rows: int | None = None) -> tuple[MemoryEstimate, list[str]]:
-    """The first strategy (in order of cost, ``memory.STRATEGIES``) and largest power-of-two micro-batch
+    """The first strategy (in order of cost, ``framework.catalogue.STRATEGIES``) and largest power-of-two micro-batch
     dividing ``per_gpu_batch`` that fit; activation checkpointing only when nothing fits without it."""
     tried: list[str] = []
     refused: list[str] = []
     checkpoint_options = [False, True] if _supports_checkpointing() else [False]
     for ckpt in checkpoint_options:
-        for spec in STRATEGIES:
-            if spec.name not in strategies:
+        for spec in STRATEGIES.values():
+            if spec.option not in strategies:
                 continue
-            why = refusal(spec.name, req.precision, req.gpu, req.conf_dir)
+            why = refusal(spec.option, req.precision, req.gpu, req.conf_dir)
             if why:
                 refused.append(why)
                 continue
@@ -228,13 +227,13 @@ def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_b
             micro = min(per_gpu_batch, req.max_micro_batch)
             while micro >= 1:
                 if per_gpu_batch % micro == 0:
-                    est = estimate_memory(cfg, n_params, spec.name, req.precision, req.n_gpus, micro, seq_len,
+                    est = estimate_memory(cfg, n_params, spec.option, req.precision, req.n_gpus, micro, seq_len,
                                           gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len,
                                           head_rows=head_rows)
                     if est.fits(capacity, USABLE_MEMORY_FRACTION):
                         return est, tried
                 micro //= 2
-            tried.append(spec.name + (" + activation checkpointing" if ckpt else ""))
+            tried.append(spec.option + (" + activation checkpointing" if ckpt else ""))
     if not tried and refused:
         raise ValueError(refused[0])
     raise ValueError(
@@ -245,10 +244,10 @@ def choose_strategy(cfg: ModelConfig, n_params: int, req: PlanRequest, per_gpu_b
 
 def make_plan(req: PlanRequest) -> Plan:
     law = laws.get_law(req.law)
-    if req.objective not in OBJECTIVE_FAMILY:
-        raise ValueError(f"unknown objective {req.objective!r}; pick one of: {', '.join(OBJECTIVE_FAMILY)}.")
-    if req.precision not in PRECISION_STATE_BYTES:
-        raise ValueError(f"unknown precision {req.precision!r}; pick one of: {', '.join(PRECISION_STATE_BYTES)}.")
+    if req.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {req.objective!r}; pick one of: {', '.join(OBJECTIVES)}.")
+    if req.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {req.precision!r}; pick one of: {', '.join(PRECISIONS)}.")
     for group, option in (("objective", req.objective), ("precision", req.precision)):
         if option not in available_options(req.conf_dir, group):
             raise ValueError(f"{group}={option} has no conf/{group}/{option}.yaml, so the experiment could not use it.")
@@ -262,7 +261,7 @@ def make_plan(req: PlanRequest) -> Plan:
     acc = get_accelerator(req.gpu)
     peak = peak_flops(req.gpu, _dtype(req.precision))  # also refuses a precision the GPU lacks (bf16 on V100)
     capacity = (req.gpu_memory_gb or acc.memory_gb) * GB
-    family = OBJECTIVE_FAMILY[req.objective]
+    family = OBJECTIVES[req.objective].family
     notes: list[str] = []
 
     c = req.budget.flops
@@ -294,21 +293,21 @@ def make_plan(req: PlanRequest) -> Plan:
     lr = 0.3118 * c**-0.1250  # DeepSeek LLM eq. 1
     warmup = max(1, min(2000, steps // 20))
 
-    strategies = [s for s in available_options(req.conf_dir, "strategy") if s in STRATEGY_SPECS]
+    strategies = [s for s in available_options(req.conf_dir, "strategy") if s in STRATEGIES]
     chosen, _ = choose_strategy(cfg, n_params, req, per_gpu, seq_len, target_len, capacity, strategies,
                                 head_rows_per_seq)
     micro = chosen.micro_batch
     table = []
-    for spec in STRATEGIES:
-        for precision in PRECISION_STATE_BYTES:
+    for option in STRATEGIES:
+        for precision in PRECISIONS:
             for ckpt in (False, True):
-                est = estimate_memory(cfg, n_params, spec.name, precision, req.n_gpus, micro, seq_len,
+                est = estimate_memory(cfg, n_params, option, precision, req.n_gpus, micro, seq_len,
                                       gpus_per_node=req.gpus_per_node, checkpointing=ckpt, target_len=target_len,
                                       head_rows=head_rows_per_seq)
                 row = est.as_dict()
                 row["fits"] = est.fits(capacity, USABLE_MEMORY_FRACTION)
-                row["available"] = spec.name in strategies
-                row["refused"] = refusal(spec.name, precision, req.gpu, req.conf_dir) if row["available"] else None
+                row["available"] = option in strategies
+                row["refused"] = refusal(option, precision, req.gpu, req.conf_dir) if row["available"] else None
                 table.append(row)
 
     head_rows = None if head_rows_per_seq is None else head_rows_per_seq * global_batch
@@ -318,7 +317,7 @@ def make_plan(req: PlanRequest) -> Plan:
     flops_6nd = laws.FLOPS_PER_PARAM_TOKEN * n_params * tokens
     if abs(flops_exact / flops_6nd - 1) > 0.1:
         why = ("each input token passes through the encoder only, while N counts both stacks"
-               if family == "encoder_decoder" else "attention scores and the LM head are not in 6N")
+               if family_spec(family).has_decoder_stack else "attention scores and the LM head are not in 6N")
         notes.append(f"the exact count is {flops_exact / flops_6nd:.2f} x 6ND ({why}); the law's budget C is 6ND "
                      "(Hoffmann et al. eq. 4) and wall-clock time uses the exact count.")
     devices = min(req.n_gpus, req.gpus_per_node)
@@ -339,5 +338,4 @@ def make_plan(req: PlanRequest) -> Plan:
     )
 
 
-__all__ = ["Budget", "make_budget", "PlanRequest", "Plan", "make_plan", "sequence_lengths", "choose_strategy",
-           "PRECISION_MODES"]
+__all__ = ["Budget", "make_budget", "PlanRequest", "Plan", "make_plan", "sequence_lengths", "choose_strategy"]

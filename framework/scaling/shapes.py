@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from framework.catalogue import family_spec
 from framework.models.config import PRESETS, ModelConfig
 
 
@@ -38,7 +39,7 @@ class ShapeFamily:
 
 def _preset_for(family: str) -> str:
     for name, p in PRESETS.items():
-        if p.get("family", "decoder") == family:
+        if p["family"] == family:
             return name
     raise ValueError(f"no model preset of family {family!r} exists in framework.models.config.PRESETS yet.")
 
@@ -50,7 +51,7 @@ def shape_config(family: str, d_model: int, n_layers: int, vocab_size: int, seq_
     preset = dict(PRESETS[_preset_for(family)])
     preset.update(family=family, d_model=d_model, n_layers=n_layers, n_heads=d_model // hd, head_dim=hd,
                   n_kv_heads=n_kv_heads, d_ff=0, max_seq_len=seq_len, vocab_size=vocab_size,
-                  n_decoder_layers=n_layers if family == "encoder_decoder" else 0)
+                  n_decoder_layers=n_layers if family_spec(family).has_decoder_stack else 0)
     return ModelConfig(name=f"planned-{family}-d{d_model}-l{n_layers}", **preset)
 
 
