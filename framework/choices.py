@@ -23,10 +23,14 @@ from framework.catalogue import FAMILIES, FSDP_SHARDINGS, OBJECTIVES, POSITIONS,
 
 
 class Choice(str, enum.Enum):
-    """A str Enum whose ``str()`` and f-string rendering is its value (as ``enum.StrEnum`` on Python 3.11+)."""
+    """A str Enum that renders as its value: ``str()`` and f-strings as ``enum.StrEnum`` (Python 3.11+), and
+    ``repr()`` as the string's, so a member reaching a message (``f"{cfg.name!r}"``) reads as the name did."""
 
     def __str__(self) -> str:
         return str(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)

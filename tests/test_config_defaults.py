@@ -127,6 +127,7 @@ def test_a_bad_name_fails_at_composition_with_the_choices(override, expected):
 def test_choices_render_and_serialise_as_their_values():
     assert (f"{Objective.clm}", str(PrecisionMode["bf16-mixed"]), f"{Schedule.wsd:>4}") == ("clm", "bf16-mixed", " wsd")
     assert json.dumps({"m": PrecisionMode["32-true"]}) == '{"m": "32-true"}'
+    assert f"{Objective.mlm!r}" == "'mlm'" and {"clm": 1}[Objective.clm] == 1  # messages, dict lookups by name
     cfg = compose(["precision=bf16", "optim=muon", "objective=mlm"])
     values = [cfg.precision.mode, cfg.optim.name, cfg.objective.name, cfg.data.special_tokens_for, cfg.model.preset]
     assert values == ["bf16-mixed", "muon", "mlm", "mlm", "bert-small-cpu"]
