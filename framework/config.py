@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from framework.catalogue import OBJECTIVES
 from framework.choices import Family, ModelPreset, Position, plain
 from framework.cluster.config import ClusterConfig
 from framework.config_errors import ConfigError, check_known_keys, explain
@@ -44,8 +45,9 @@ def _model_spec_fields() -> list[tuple[str, Any, Any]]:
 
 
 # ``model.preset`` names a shape in framework.models.config.PRESETS; any other field overrides it. The default
-# is the clm objective's model (framework.catalogue), which conf/train.yaml selects.
-ModelSpec = dataclasses.make_dataclass("ModelSpec", [("preset", ModelPreset, "small-cpu")] + _model_spec_fields())
+# is the default objective's model (framework.catalogue), the one conf/train.yaml selects.
+ModelSpec = dataclasses.make_dataclass(
+    "ModelSpec", [("preset", ModelPreset, OBJECTIVES[ObjectiveConfig.name].default_model)] + _model_spec_fields())
 
 
 def resolve_model(spec: Any) -> ModelConfig:
