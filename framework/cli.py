@@ -13,15 +13,16 @@ a merge with tasks missing, a task without a tokenizer, a bad override) is one l
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
+from framework.cli_errors import user_errors
 from framework.config import register_configs, to_run_config
 from framework.data.prepare import merge_prepared, prepare_data, prepare_task, prepare_tokenizer
+from framework.validate import validate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -53,16 +54,13 @@ def prepare_main(argv: list[str] | None = None) -> None:
         _usage_error("--task-index and --num-tasks go together (--merge takes --num-tasks alone).")
     if args.merge and args.num_tasks is None:
         _usage_error("--merge needs --num-tasks N, the number of tasks the corpus was split into.")
-    try:
+    with user_errors(extra=(HydraException,)):
         _prepare(args)
-    except (ValueError, FileNotFoundError, KeyError, HydraException) as err:
-        if os.environ.get("FRAMEWORK_TRACEBACK"):
-            raise
-        _usage_error(str(err).strip("'\""))
 
 
 def _prepare(args: argparse.Namespace) -> None:
     cfg = compose_train_config(args.overrides)
+    validate(cfg, check_device=False)  # the checks fw-train runs first; preparation may run on a CPU node
     split_job = args.tokenizer_only or args.merge or args.task_index is not None
     if cfg.data.mixture:  # each source's shards, one shared tokenizer
         if split_job:

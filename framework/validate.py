@@ -22,10 +22,11 @@ class ConfigurationError(ValueError):
     """A setting the user can fix; the console commands print it as one line (exit status 2), not a traceback."""
 
 
-def validate(cfg, device=None) -> None:
+def validate(cfg, device=None, *, check_device: bool = True) -> None:
     """Raise ``ConfigurationError`` for the first setting of ``cfg`` (a ``framework.config.TrainConfig``) that
     cannot run; ``device``: a ``framework.distributed.precision.DeviceInfo`` (default: the one
-    ``trainer.accelerator`` resolves to here)."""
+    ``trainer.accelerator`` resolves to here). ``check_device=False``: the run executes on another machine
+    (``fw-prepare`` on a CPU node), so the strategy x precision pair is not checked against this one."""
     try:
         _check_ranges(cfg)
         model = _check_model(cfg)
@@ -33,7 +34,8 @@ def validate(cfg, device=None) -> None:
         _check_optim(cfg)
         _check_data(cfg.data)
         _check_callbacks(cfg)
-        _check_device(cfg, device)
+        if check_device:
+            _check_device(cfg, device)
     except ConfigurationError:
         raise
     except (ValueError, KeyError) as err:  # the existing checks' one-sentence ValueErrors
