@@ -79,3 +79,16 @@ def test_plan_trains_two_steps_at_tiny_size(objective, tmp_path, compose, data_c
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_every_plan_trains_two_steps_at_tiny_size(objective, budget, tmp_path, compose, data_cache):
     _trains_two_steps(objective, budget, tmp_path, compose, data_cache)
+
+
+def test_a_plan_training_would_refuse_is_not_written(tmp_path):
+    import dataclasses
+
+    from framework.scaling.planner import PlanRequest, make_budget, make_plan
+
+    plan = make_plan(PlanRequest(budget=make_budget(flops=1e19), seq_len=1024))
+    broken = dataclasses.replace(plan, seq_len=4096)  # beyond the model's max_seq_len of 1024
+    with pytest.raises(ValueError, match=r"the plan would not train: data.seq_len=4096 exceeds model.max_seq_len=1024"):
+        plan_cli.write_plan(broken, "broken", tmp_path)
+    assert not (tmp_path / "experiment").exists()
+    assert plan_cli.write_plan(plan, "fine", tmp_path)["experiment"].exists()
