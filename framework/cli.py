@@ -5,8 +5,10 @@
     fw-prepare --task-index I --num-tasks N [overrides]           # step 2, for every I in 0..N-1 (in parallel)
     fw-prepare --merge --num-tasks N [overrides]                  # step 3: meta.json only (the last task also merges)
 
-(``fw-prepare`` = ``python3 -m framework.cli prepare``.) A mistake a user can make (a task index out of range,
-a merge with tasks missing, a task without a tokenizer, a bad override) is one line on stderr and exit code 2;
+(``fw-prepare`` = ``python3 -m framework.cli prepare``.) The composed config passes ``framework.validate`` first
+(the checks fw-train runs, but the device's), so a run training would refuse is refused before tokenizing. A
+mistake a user can make (a task index out of range, a merge with tasks missing, a task without a tokenizer, a
+bad override, a key that is not a setting) is one line on stderr and exit code 2 (``framework.cli_errors``);
 ``FRAMEWORK_TRACEBACK=1`` shows the traceback.
 """
 
