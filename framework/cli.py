@@ -5,21 +5,24 @@
     fw-prepare --task-index I --num-tasks N [overrides]           # step 2, for every I in 0..N-1 (in parallel)
     fw-prepare --merge --num-tasks N [overrides]                  # step 3: meta.json only (the last task also merges)
 
-(``fw-prepare`` = ``python3 -m framework.cli prepare``.) A mistake a user can make (a task index out of range,
-a merge with tasks missing, a task without a tokenizer, a bad override) is one line on stderr and exit code 2;
+(``fw-prepare`` = ``python3 -m framework.cli prepare``.) The composed config passes ``framework.validate`` first
+(the checks fw-train runs, but the device's), so a run training would refuse is refused before tokenizing. A
+mistake a user can make (a task index out of range, a merge with tasks missing, a task without a tokenizer, a
+bad override, a key that is not a setting) is one line on stderr and exit code 2 (``framework.cli_errors``);
 ``FRAMEWORK_TRACEBACK=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from hydra.errors import HydraException
 
+from framework.cli_errors import user_errors
 from framework.config import compose as compose_train_config
 from framework.data.prepare import merge_prepared, prepare_data, prepare_task, prepare_tokenizer
+from framework.validate import validate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,16 +46,13 @@ def prepare_main(argv: list[str] | None = None) -> None:
         _usage_error("--task-index and --num-tasks go together (--merge takes --num-tasks alone).")
     if args.merge and args.num_tasks is None:
         _usage_error("--merge needs --num-tasks N, the number of tasks the corpus was split into.")
-    try:
+    with user_errors(extra=(HydraException,)):
         _prepare(args)
-    except (ValueError, FileNotFoundError, KeyError, HydraException) as err:
-        if os.environ.get("FRAMEWORK_TRACEBACK"):
-            raise
-        _usage_error(str(err).strip("'\""))
 
 
 def _prepare(args: argparse.Namespace) -> None:
     cfg = compose_train_config(args.overrides)
+    validate(cfg, check_device=False)  # the checks fw-train runs first; preparation may run on a CPU node
     split_job = args.tokenizer_only or args.merge or args.task_index is not None
     if cfg.data.mixture:  # each source's shards, one shared tokenizer
         if split_job:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from framework.callbacks.model_card import card_info_from_checkpoint, write_model_card
+from framework.cli_errors import reading_checkpoint, user_errors
 from framework.data.tokenizer import SpecialIds, load_tokenizer
 from framework.distributed.checkpoints import read_training_checkpoint
 from framework.models.config import ModelConfig
@@ -35,7 +36,8 @@ from framework.models.registry import family
 # ----------------------------------------------------------------------------- checkpoint reading
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, SpecialIds, dict[str, torch.Tensor], dict]:
     """(model config, special ids, the model's state dict without the ``model.`` prefix, hyper_parameters)."""
-    hparams, state, _ = read_training_checkpoint(path)
+    with reading_checkpoint(path):
+        hparams, state, _ = read_training_checkpoint(path)
     config = ModelConfig(**hparams["model_config"])
     ids = hparams["special_ids"]
     special = SpecialIds(**{k: tuple(v) if k == "sentinels" else v for k, v in ids.items()})
@@ -76,14 +78,20 @@ def hf_tokenizer(tokenizer_path: str | Path, model_max_length: int, special: Spe
 
 
 # ----------------------------------------------------------------------------- export
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
-    """Write a transformers directory for ``checkpoint`` to ``out_dir`` and return ``out_dir``.
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write a transformers directory for ``checkpoint`` to ``out_dir`` and return ``out_dir``. A non-empty
+    ``out_dir`` (it may hold the user's files) is refused unless ``overwrite``, before anything is read.
 
     ``tokenizer_path`` defaults to the tokenizer the run trained with (its path is in the checkpoint's
     hparams; else ``<run_dir>/tokenizer.json`` beside ``<run_dir>/checkpoints/``); pass it when the
     checkpoint moved to a machine without either."""
     from safetensors.torch import save_file
 
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} is {'a file' if not out.is_dir() else 'not empty'}; export into a new or empty "
+                              "directory, or pass --overwrite to replace the files the export writes there.")
     config, special, state, hparams = load_checkpoint(checkpoint)
     if tokenizer_path is None:
         # the path the run recorded, else the copy framework.train keeps in <run_dir>/tokenizer.json
@@ -95,7 +103,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
         raise FileNotFoundError(
             f"the run's tokenizer was not found at {str(tokenizer_path) or '(not recorded)'}; pass --tokenizer "
             "<data_cache>/<source>-<key>/tokenizer.json (the data directory the run prepared).")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg = hf_config(config, special)
     traits = family(config.family).traits
@@ -130,8 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="directory to write the transformers model into")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json of the run (default: the path recorded in the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir, replacing its files")
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer)
+    with user_errors("fw-export"):
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, overwrite=args.overwrite)
     info = json.loads((out / "framework_export.json").read_text())
     print(f"exported a {info['family']} model ({info['parameters']:,} parameters) as {info['architecture']} to {out}; "
           f"load it with transformers.{info['auto_class']}.from_pretrained({str(out)!r})")

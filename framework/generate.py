@@ -155,10 +155,12 @@ def fill_mask(model: nn.Module, input_ids: torch.Tensor, mask_id: int, *, temper
 # ----------------------------------------------------------------------------- checkpoints and the command
 def load_checkpoint(path: str | Path):
     """(model in eval mode on the CPU, hyper_parameters dict) from a single-file checkpoint of ``framework.train``."""
+    from framework.cli_errors import reading_checkpoint
     from framework.distributed.checkpoints import read_training_checkpoint
     from framework.models import ModelConfig, build_model
 
-    hp, state, _ = read_training_checkpoint(path)
+    with reading_checkpoint(path):
+        hp, state, _ = read_training_checkpoint(path)
     model = build_model(ModelConfig(**hp["model_config"]))
     try:
         model.load_state_dict(state)
@@ -247,8 +249,12 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 def cli() -> None:
-    """Console entry point ``fw-generate`` (exit status 0; ``main`` returns the texts for callers)."""
-    main()
+    """Console entry point ``fw-generate`` (exit status 0; ``main`` returns the texts for callers; a missing or
+    damaged checkpoint, a bad setting: one line on stderr, exit status 2)."""
+    from framework.cli_errors import user_errors
+
+    with user_errors("fw-generate"):
+        main()
 
 
 if __name__ == "__main__":

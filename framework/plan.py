@@ -44,7 +44,7 @@ def experiment_dict(plan: Plan, name: str) -> dict:
         ],
         "name": name,
         "model": {"preset": preset, **{k: m[k] for k in MODEL_FIELDS}, "vocab_size": 0},
-        "data": {"vocab_size": plan.request["vocab_size"], "seq_len": plan.request["seq_len"],
+        "data": {"vocab_size": plan.request["vocab_size"], "seq_len": plan.seq_len,
                  "micro_batch_size": plan.micro_batch},
         "trainer": {"max_steps": plan.steps, "accumulate_grad_batches": accum, "devices": plan.devices,
                     "num_nodes": plan.num_nodes,
@@ -140,21 +140,57 @@ def run_command(name: str, conf_root: Path) -> str:
 
 
 def write_plan(plan: Plan, name: str, conf_root: Path = REPO_CONF) -> dict[str, Path]:
-    """Write ``<conf_root>/experiment/<name>.yaml`` and ``.plan.json`` / ``.plan.md`` beside it."""
+    """Write ``<conf_root>/experiment/<name>.yaml`` and ``.plan.json`` / ``.plan.md`` beside it, after the
+    experiment has composed and passed ``framework.validate`` on the plan's GPU (nothing written otherwise)."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"--name {name!r} may only hold letters, digits, '_', '-' and '.'.")
     out = Path(conf_root) / "experiment"
-    out.mkdir(parents=True, exist_ok=True)
     cmd = run_command(name, conf_root)
     exp = OmegaConf.to_yaml(OmegaConf.create(experiment_dict(plan, name)))
     header = (f"# @package _global_\n# Written by fw-plan: {plan.budget_description}, law {plan.law}: "
               f"N = {plan.n_params:,} parameters, D = {plan.tokens:,} tokens, strategy {plan.strategy}.\n"
               f"# Details in {name}.plan.md / {name}.plan.json. Run: {cmd}\n")
+    validate_experiment(header + exp, name, plan, conf_root)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {"experiment": out / f"{name}.yaml", "json": out / f"{name}.plan.json", "markdown": out / f"{name}.plan.md"}
     paths["experiment"].write_text(header + exp)
     paths["json"].write_text(json.dumps({"name": name, "run": cmd, **plan.as_dict()}, indent=2, default=str))
     paths["markdown"].write_text(render_markdown(plan, name, cmd))
     return paths
+
+
+def validate_experiment(text: str, name: str, plan: Plan, conf_root: Path = REPO_CONF) -> None:
+    """Compose ``experiment=<name>`` from ``text`` (written to a scratch config root searched before
+    ``conf_root``) and run the training config's checks on a device like the plan's GPU: a plan that training
+    would refuse is not written."""
+    import tempfile
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from framework.config import compose as compose_train_config
+    from framework.distributed.precision import DeviceInfo
+    from framework.scaling.hardware import get_accelerator
+    from framework.validate import validate
+
+    acc = get_accelerator(plan.request["gpu"])
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "experiment").mkdir()
+        (Path(scratch) / "experiment" / f"{name}.yaml").write_text(text)
+        custom = Path(conf_root).resolve()
+        roots = [Path(scratch)] + ([custom] if custom != REPO_CONF.resolve() and custom.is_dir() else [])
+        GlobalHydra.instance().clear()
+        try:
+            cfg = compose_train_config([f"hydra.searchpath=[{','.join(f'file://{r}' for r in roots)}]",
+                                        f"experiment={name}"])
+        except HydraException as err:
+            raise ValueError(f"the plan's experiment does not compose ({err}).".replace("\n", " ")) from err
+        finally:
+            GlobalHydra.instance().clear()
+    try:
+        validate(cfg, device=DeviceInfo("cuda", acc.name, "bf16" in acc.peak_flops))
+    except ValueError as err:
+        raise ValueError(f"the plan would not train: {err}") from err
 
 
 def default_name(req: PlanRequest) -> str:

@@ -29,7 +29,7 @@ from framework.branch import resolve_branch
 from framework.callbacks.model_card import run_card_info, write_model_card
 from framework.callbacks.preemption import PreemptionCallback
 from framework.callbacks.rollback import apply_rollback, load_skips, rollback_target
-from framework.callbacks.spike_guard import SpikeGuard, check_spike_guard
+from framework.callbacks.spike_guard import SpikeGuard
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
 from framework.config import CONF_DIR, TrainConfig, register_configs, resolve_model, to_run_config
 from framework.config_errors import check_command_line
@@ -41,16 +41,14 @@ from framework.distributed.checkpoints import (CheckpointWriteError, ResumeState
                                                checkpoint_wandb_id, resolve_resume)
 from framework.distributed.sharded_checksums import ShardedChecksums
 from framework.distributed.parallelize import Parallelizer
-from framework.distributed.precision import check_strategy_precision, detect_device
 from framework.distributed.run_lock import RunDirectoryBusy, run_directory_lock
 from framework.distributed.strategies import build_strategy
-from framework.evaluation.local_tasks import check_eval_settings
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
-from framework.objectives.config import check_optim
 from framework.tracking.loggers import build_loggers, finish_wandb
 from framework.tracking.metrics_log import MetricsLogCallback
 from framework.tracking.run_state import finished_message, finished_metrics, run_is_finished
+from framework.validate import ConfigurationError, validate
 
 RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
 
@@ -70,20 +68,16 @@ def _cluster_plugins() -> list:
 def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     """Everything ``fit`` needs, built from the typed config: (trainer, module, datamodule, prepared).
     ``resume_from``: the checkpoint ``fit`` will resume from (its wandb run id is continued)."""
+    validate(cfg)  # every cross-field check, before any data is read (recipes and benches start here)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    # refuse a strategy x precision pair that cannot run here before any data, model or process group exists
-    check_strategy_precision(cfg.strategy, cfg.precision.mode, detect_device(cfg.trainer.accelerator))
     mixture = bool(cfg.data.mixture)  # several sources sampled by weight (framework.data.mixture)
     prepared = (prepare_mixture if mixture else prepare_data)(cfg.data, progress=_is_global_zero())
 
     model_config = resolve_model(cfg.model).replace(vocab_size=prepared.vocab_size)
     objective_cls = objective_class(cfg.objective.name)
     window = objective_cls.window_length(cfg.data.seq_len, cfg.objective)
-    if cfg.data.seq_len > model_config.max_seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}; "
-                         "lower data.seq_len or raise model.max_seq_len.")
     module = objective_cls(**module_kwargs(model_config, cfg.optim, cfg.objective, prepared.special_ids(),
                                            cfg.trainer.max_steps, cfg.data.seq_len, prepared.tokenizer_path))
     if cfg.init_from:  # continued pretraining: the model's weights, not the optimizer, schedule or step
@@ -126,10 +120,6 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     return trainer, module, datamodule, prepared
 
 
-class ConfigurationError(ValueError):
-    """A setting the user can fix; ``main`` prints it as one line instead of a traceback."""
-
-
 @contextmanager
 def _run_lock(run_dir: Path):
     """One job per run directory (framework.distributed.run_lock): global rank 0 holds it, its ranks share it."""
@@ -157,19 +147,10 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
             print(finished_message(run_dir, finished))
         return finished
     try:  # everything a user's settings can get wrong fails here, before any training step
-        check_optim(cfg.optim, cfg.trainer.max_steps, cfg.strategy)
-        if cfg.callbacks.spike_guard.enabled:
-            check_spike_guard(cfg.callbacks.spike_guard, cfg.strategy.name, str(cfg.precision.mode))
         ckpt_path = resolve_resume(cfg.resume, run_dir / "checkpoints")
         branching = ckpt_path is None and bool(cfg.branch_from)  # a cooldown branch's first start
         if branching:
             ckpt_path = resolve_branch(cfg.branch_from, cfg.optim, cfg.trainer.max_steps)
-        if cfg.callbacks.icl_task:
-            raise ValueError(f"callbacks.icl_task was retired with fw-icl; evaluate through lm-evaluation-harness "
-                             f"with callbacks.eval_tasks=[{Path(cfg.callbacks.icl_task).stem}] (local tasks in "
-                             "framework/evaluation/tasks/) and callbacks.eval_shots.")
-        if cfg.callbacks.eval_tasks:  # an unknown task fails now, not after training
-            check_eval_settings(cfg.callbacks.eval_tasks, cfg.callbacks.eval_shots)
         trainer, module, datamodule, prepared = build_run(cfg, run_dir, resume_from=None if branching else ckpt_path)
         check_resume_world_size(ckpt_path, trainer.num_nodes * trainer.num_devices)  # before anything is loaded
     except (ValueError, FileNotFoundError, KeyError) as err:
@@ -285,6 +266,7 @@ def hydra_main(cfg: DictConfig) -> float:
 
 def _main(cfg: DictConfig) -> float:
     run_cfg = to_run_config(cfg)
+    validate(run_cfg)  # every cross-field check, before anything is read or written
     run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
     with _run_lock(run_dir):  # a second job with this name is refused before it overwrites config.yaml
         finished = run_cfg.resume == "auto" and run_is_finished(run_dir, run_cfg.trainer.max_steps)

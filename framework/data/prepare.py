@@ -132,19 +132,26 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
         prepared = _load(directory) or _finished_split_job(directory)
         if prepared is not None:
             return prepared
+        created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in (directory / "shards").glob(f"{task_dir_name(0, 1)}*"):  # a killed one-task run (we hold the lock)
-            shutil.rmtree(stale)
-        # one curation pass (when on); both passes below skip the documents it removes
-        curation = curate(iter_documents(cfg), cfg.curation, progress) if cfg.curation.enabled else None
-        tok = _tokenizer(cfg, directory, progress, curation)
-        from framework.data.prepare_task import run_task
+        try:
+            for stale in (directory / "shards").glob(f"{task_dir_name(0, 1)}*"):  # a killed one-task run (we hold the lock)
+                shutil.rmtree(stale)
+            # one curation pass (when on); both passes below skip the documents it removes
+            curation = curate(iter_documents(cfg), cfg.curation, progress) if cfg.curation.enabled else None
+            tok = _tokenizer(cfg, directory, progress, curation)
+            from framework.data.prepare_task import run_task
 
-        _, tokens_by_reason = run_task(cfg, directory, tok, _common_meta(cfg, tok, directory), 0, 1, progress, curation)
-        extra = {}
-        if curation is not None:
-            extra["curation"] = _write_curation_report(directory, curation, tokens_by_reason, cfg, progress)
-        return _merge(directory, 1, extra, progress)
+            _, tokens_by_reason = run_task(cfg, directory, tok, _common_meta(cfg, tok, directory), 0, 1, progress,
+                                           curation)
+            extra = {}
+            if curation is not None:
+                extra["curation"] = _write_curation_report(directory, curation, tokens_by_reason, cfg, progress)
+            return _merge(directory, 1, extra, progress)
+        except Exception:  # an unreachable hub dataset, a bad JSON line: leave no half-made directory behind
+            if created:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
 
 
 def _finished_split_job(directory: Path) -> PreparedData | None:

@@ -254,8 +254,14 @@ def hub_documents(name: str, config: str, split: str, streaming: bool, text_fiel
                 raise ValueError(f"{local} is a saved DatasetDict with splits {list(ds)}; set data.hub_split to one.")
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(str(local) if local.is_dir() else name, config or None, split=split,
-                                   streaming=streaming)
+        try:
+            ds = datasets.load_dataset(str(local) if local.is_dir() else name, config or None, split=split,
+                                       streaming=streaming)
+        except (ConnectionError, FileNotFoundError) as err:  # offline, a typo, a private or missing dataset
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+            raise ValueError(f"data.hub_name={name!r} cannot be loaded ({reason}); check the name and the network "
+                             "(or HF_DATASETS_OFFLINE with a cached copy), or give a local save_to_disk or Parquet "
+                             "directory.") from err
     for i, row in enumerate(ds):
         if max_documents and i >= max_documents:
             break
@@ -383,6 +389,9 @@ def source_fingerprint(cfg: DataConfig) -> dict:
         fp["max_chars"] = LICENSE_MAX_CHARS
     elif cfg.source == "files":
         fp["files"] = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in _expand(list(cfg.paths))]
+        for path, size, _ in fp["files"]:  # refused before a cache directory exists (fw-prepare, fw-train)
+            if size == 0:
+                raise ValueError(f"{path} is empty; remove it from data.paths (or its directory).")
         fp["text_field"] = cfg.text_field
         fp["text_document_chars"] = cfg.text_document_chars  # how .txt files are split into documents
     elif cfg.source == "hub":

@@ -103,6 +103,23 @@ def sequence_lengths(objective: str, seq_len: int) -> tuple[int | None, int | No
     return None, None
 
 
+def _plannable_seq_len(req: "PlanRequest", notes: list[str]) -> int:
+    """``req.seq_len``, or for span corruption the largest multiple of 128 whose noise spans the tokenizer's
+    sentinels can all mark (training refuses more spans than sentinels: 114 at 2048 for 100)."""
+    if req.objective != "span_corruption":
+        return req.seq_len
+    from framework.data.tokenizer import NUM_SENTINELS
+    from framework.validate import max_span_corruption_seq_len
+
+    longest = max_span_corruption_seq_len(NUM_SENTINELS, NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH)
+    if req.seq_len <= longest:
+        return req.seq_len
+    seq_len = max(128, longest // 128 * 128)
+    notes.append(f"--seq-len {req.seq_len} lowered to {seq_len}: span corruption of longer windows makes more noise "
+                 f"spans than the tokenizer's {NUM_SENTINELS} sentinels (at most seq_len {longest}).")
+    return seq_len
+
+
 # ------------------------------------------------------------------------------------------------- plan
 @dataclass
 class PlanRequest:
@@ -266,8 +283,9 @@ def make_plan(req: PlanRequest) -> Plan:
 
     c = req.budget.flops
     n_opt, d_opt = law.optimal_allocation(c)
+    seq_len = tokens_per_seq = _plannable_seq_len(req, notes)
     try:
-        cfg, n_params = search_shape(family, n_opt, req.vocab_size, req.seq_len)
+        cfg, n_params = search_shape(family, n_opt, req.vocab_size, seq_len)
     except BudgetTooSmall as e:
         c_min = law.budget_for_params(e.n_min)
         raise ValueError(
@@ -276,17 +294,18 @@ def make_plan(req: PlanRequest) -> Plan:
             f"compute-optimal budget under {law.name} is {c_min:.3g} FLOPs; raise the budget or lower --vocab-size."
         ) from None
 
-    seq_len = tokens_per_seq = req.seq_len
     target_len, head_rows_per_seq = sequence_lengths(req.objective, seq_len)
-    # D for the model actually built: the law's D_opt for this compute, D = C / (6 N) (stays on the budget)
-    tokens_wanted = c / (laws.FLOPS_PER_PARAM_TOKEN * n_params)
+    # One FLOP count for the budget and the time: D is what the exact per-layer count of the model actually built
+    # spends in C (the law's C = 6ND allocates N only), so the plan's time never exceeds a GPU-hours budget.
+    flops_per_seq = flops_mod.forward_flops(cfg, 1, seq_len, target_len, head_rows_per_seq).training
+    tokens_wanted = c / flops_per_seq * tokens_per_seq
     batch_tokens = 0.2920 * c**0.3271  # DeepSeek LLM eq. 1
     per_gpu = 2 ** max(0, round(math.log2(max(1.0, batch_tokens / tokens_per_seq / req.n_gpus))))
     while per_gpu > 1 and tokens_wanted / (per_gpu * req.n_gpus * tokens_per_seq) < req.min_steps:
         per_gpu //= 2
     global_batch = per_gpu * req.n_gpus
     tokens_per_step = global_batch * tokens_per_seq
-    steps = max(1, math.ceil(tokens_wanted / tokens_per_step))
+    steps = max(1, math.floor(tokens_wanted / tokens_per_step))  # whole steps within the budget
     tokens = steps * tokens_per_step
     if steps < req.min_steps:
         notes.append(f"only {steps} optimizer steps even at 1 sequence per GPU: the budget is tiny for {req.n_gpus} GPUs.")
@@ -318,8 +337,9 @@ def make_plan(req: PlanRequest) -> Plan:
     if abs(flops_exact / flops_6nd - 1) > 0.1:
         why = ("each input token passes through the encoder only, while N counts both stacks"
                if family_spec(family).has_decoder_stack else "attention scores and the LM head are not in 6N")
-        notes.append(f"the exact count is {flops_exact / flops_6nd:.2f} x 6ND ({why}); the law's budget C is 6ND "
-                     "(Hoffmann et al. eq. 4) and wall-clock time uses the exact count.")
+        notes.append(f"the exact count is {flops_exact / flops_6nd:.2f} x 6ND ({why}); the law allocates N_opt with "
+                     "C = 6ND (Hoffmann et al. eq. 4), and D is the tokens the exact count spends in C, so the budget "
+                     "and the wall-clock time use the same count.")
     devices = min(req.n_gpus, req.gpus_per_node)
     return Plan(
         request={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(req).items() if k != "budget"},
