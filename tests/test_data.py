@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from framework.data.config import DataConfig
-from framework.data.datamodule import PackedWindows, PretrainDataModule, ResumableRankSampler
+from framework.data.datamodule import MixtureSampler, PackedWindows, PretrainDataModule
 from framework.data.prepare import open_tokens, prepare_data, unigram_entropy
 from framework.data.sources import is_validation, iter_documents, stdlib_documents
 from framework.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS
@@ -133,9 +133,9 @@ def _take(it, n):
 
 def _merged_ranks(n, seed, world, micro_batch, micro_batches, start=0):
     """All ranks' samples ((window, position) pairs) of ``micro_batches`` micro-batches, rank blocks side by side."""
-    streams = [iter(ResumableRankSampler(n, seed, rank, world, start=start, with_position=True,
-                                         micro_batch_size=micro_batch)) for rank in range(world)]
-    return [item for _ in range(micro_batches) for s in streams for item in _take(s, micro_batch)]
+    streams = [iter(MixtureSampler(["one"], [1.0], [n], seed, rank, world, start=start, micro_batch_size=micro_batch,
+                                   streams=[0])) for rank in range(world)]
+    return [item[1:] for _ in range(micro_batches) for s in streams for item in _take(s, micro_batch)]
 
 
 def test_sampler_order_is_seeded_rank_disjoint_and_resumable():
@@ -161,10 +161,10 @@ def test_sampler_needs_constant_memory_at_any_corpus_size():
     """10^12 windows (a ~10^15-token corpus): a randperm would need 8 TB; the sampler allocates one chunk."""
     import tracemalloc
 
-    sampler = iter(ResumableRankSampler(10**12, seed=1, rank=1, world_size=8, micro_batch_size=4))
+    sampler = iter(MixtureSampler(["one"], [1.0], [10**12], seed=1, rank=1, world_size=8, micro_batch_size=4))
     tracemalloc.start()
     try:
-        taken = _take(sampler, 3 * ResumableRankSampler.CHUNK)  # numpy's allocations are traced too
+        taken = [window for _, window, _ in _take(sampler, 3 * MixtureSampler.CHUNK)]  # numpy's allocations too
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -259,7 +259,7 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     if info is None:
         info = ModelCardInfo(name=name or checkpoint.parent.parent.name, objective=hp["objective"]["name"],
                              model_config=hp["model_config"], parameters=cfg.num_parameters(),
-                             data={"seq_len": hp.get("seq_len")})
+                             data={"seq_len": checkpoint_seq_len(ckpt)})
     elif name:
         info.name = name
     # the checkpoint's own numbers win: it may be an earlier step than the end of training, whose losses
@@ -272,3 +272,12 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     if flops is not None:
         info.compute["flops"] = float(flops)
     return info
+
+
+def checkpoint_seq_len(ckpt: dict) -> int | None:
+    """The sequence length a checkpoint was trained at: its DataModule's state (``PretrainDataModule.state_dict``),
+    or, for checkpoints written before the data side kept it, the module's hyper_parameters."""
+    for state in ckpt.values():
+        if isinstance(state, dict) and state.get("seq_len") is not None and "global_samples_consumed" in state:
+            return int(state["seq_len"])
+    return (ckpt.get("hyper_parameters") or {}).get("seq_len")
