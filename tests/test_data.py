@@ -186,6 +186,24 @@ def test_datamodule_state_restores_the_position(tiny_prepared):
     assert batches[0].shape == (4, 65) and batches[0].dtype == torch.long
 
 
+def test_datamodule_counts_training_batches_it_hands_out(tiny_prepared):
+    """The position moves with every training micro-batch Lightning takes (all ranks' windows), not with
+    validation batches; it is saved with the sequence length, and a single source is a weight-1 source."""
+    from framework.objectives.config import ObjectiveConfig
+
+    dm = PretrainDataModule.for_objective(tiny_prepared, ObjectiveConfig(name="clm"), 64, micro_batch_size=4, seed=3)
+    dm.trainer = FakeTrainer(1, 2)
+    dm.trainer.training = True
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.on_before_batch_transfer(batch, 0) is batch and dm.global_samples_consumed == 8
+    dm.trainer.training = False  # a validation batch inside fit
+    dm.on_before_batch_transfer(batch, 0)
+    state = dm.state_dict()
+    assert state["global_samples_consumed"] == 8 and state["seq_len"] == 64 and state["window_length"] == 65
+    assert state["mixture"] is None and dm.val_sources == ((dm.names[0], 1.0),)
+    assert state["source_windows"] == {dm.names[0]: 8}
+
+
 def test_windows_are_cut_from_the_concatenated_shards(tmp_path):
     a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
     np.arange(10, dtype=np.uint16).tofile(a)

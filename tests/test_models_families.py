@@ -159,6 +159,16 @@ def test_objectives_refuse_a_model_of_another_family():
     assert isinstance(SpanCorruption(**_kwargs(t5)).model, EncoderDecoder)
 
 
+def test_module_loads_older_hparams_and_forgets_the_data_settings():
+    """Checkpoints written before the data side owned them carry seq_len and tokenizer_path: accepted, not kept."""
+    old = {**_kwargs(ModelConfig.from_name("tiny", vocab_size=V)), "seq_len": 64, "tokenizer_path": "/x/tok.json"}
+    module = CausalLM(**old)
+    assert "seq_len" not in module.hparams and "tokenizer_path" not in module.hparams
+    assert not hasattr(module, "seq_len") and module.hparams["max_steps"] == 10
+    with pytest.raises(TypeError, match="unexpected arguments \\['window'\\]"):
+        CausalLM(**_kwargs(ModelConfig.from_name("tiny", vocab_size=V)), window=3)
+
+
 def test_model_position_settings_are_checked():
     with pytest.raises(ValueError, match="relative_bias"):
         EncoderDecoder(ModelConfig.from_name("t5-tiny", vocab_size=V, position="rope"))

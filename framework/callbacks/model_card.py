@@ -241,6 +241,7 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     """Card facts from a Lightning checkpoint, merged over the run directory's model_card.json if present."""
     import torch
 
+    from framework.data.position import checkpoint_seq_len
     from framework.models import ModelConfig
 
     checkpoint = Path(checkpoint)
@@ -273,11 +274,3 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
         info.compute["flops"] = float(flops)
     return info
 
-
-def checkpoint_seq_len(ckpt: dict) -> int | None:
-    """The sequence length a checkpoint was trained at: its DataModule's state (``PretrainDataModule.state_dict``),
-    or, for checkpoints written before the data side kept it, the module's hyper_parameters."""
-    for state in ckpt.values():
-        if isinstance(state, dict) and state.get("seq_len") is not None and "global_samples_consumed" in state:
-            return int(state["seq_len"])
-    return (ckpt.get("hyper_parameters") or {}).get("seq_len")
