@@ -176,7 +176,6 @@ def module_from_checkpoint(path: str | Path):
     """The objective's ``PretrainModule`` of a single-file checkpoint, weights loaded, in eval mode."""
     hp, state = load_framework_checkpoint(path)
     module = objective_class(hp["objective"]["name"])(
-        **{k: hp[k] for k in ("model_config", "optim", "objective", "special_ids", "max_steps", "seq_len")},
-        tokenizer_path=hp.get("tokenizer_path", ""))
+        **{k: hp[k] for k in ("model_config", "optim", "objective", "special_ids", "max_steps")})
     module.model.load_state_dict(state)
     return module.eval()

@@ -179,7 +179,7 @@ def test_gpt2_export_loads_in_transformers_with_the_same_ids(mlm_prepared, tmp_p
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in build_model(module.model_config).state_dict().items()},
                 "hyper_parameters": dict(module.hparams), "global_step": 1}, ckpt)
-    out = export_checkpoint(ckpt, tmp_path / "hf")
+    out = export_checkpoint(ckpt, tmp_path / "hf", tokenizer_path=prepared.tokenizer_path)
     hf = transformers.AutoTokenizer.from_pretrained(out)
     text = "The tokenizer of <mask> returns a list.<eos>"
     ours = prepared.tokenizer().encode(text, add_special_tokens=False).ids
