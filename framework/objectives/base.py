@@ -86,7 +86,7 @@ class PretrainModule(L.LightningModule):
         if self.trainer.progress_bar_callback is not None:
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.log("train/tokens_seen", torch.tensor(float(self.tokens_seen)), on_step=True, on_epoch=False)
-        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        opt = self.optimizers(use_pl_optimizer=False)
         if isinstance(opt, list):  # DeepSpeed's ZeRO optimizers are not torch Optimizers: Lightning returns a list
             opt = opt[0] if opt else None
         if opt is not None:
