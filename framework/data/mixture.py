@@ -26,7 +26,7 @@ within 1e-6), so the rule runs in exact integer arithmetic, the same on every ra
 sequence is periodic (``MixtureSchedule``), so the source of any position and every source's count at it
 are O(1) look-ups. Within a source, its j-th draw is window ``FeistelPermutation(n_s, seed, j // n_s,
 stream=crc32(name))(j mod n_s)`` (framework/data/permutation.py: O(1) memory; ``MixtureSampler`` in
-framework/data/datamodule.py); each source rolls over its epochs
+framework/data/sampling.py); each source rolls over its epochs
 independently (a small source repeats: ``source_epochs``).
 
 Resume: the state is the global stream position (all ranks' windows); the per-source counts follow from
