@@ -179,6 +179,12 @@ def test_datamodule_state_round_trip(compose, code_paths):
         single.load_state_dict(state)
     with pytest.raises(ValueError, match="trained on a single source, not a mixture"):
         resumed.load_state_dict(single.state_dict())
+    # a checkpoint of the former MixtureDataModule restores into the one DataModule (the module's hook moves it)
+    from framework.data.position import upgrade_data_state
+
+    old = {"MixtureDataModule": dict(state)}
+    upgrade_data_state(old)
+    assert old == {"PretrainDataModule": state}
     # validation: one loader per source, val_windows per source
     loaders = resumed.val_dataloader()
     assert resumed.val_sources == (("code", 0.7), ("prose", 0.3)) and len(loaders) == 2

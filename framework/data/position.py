@@ -62,6 +62,18 @@ def loading_checkpoint_world_size(datamodule) -> int | None:
     return len(states) if states else None
 
 
+LEGACY_STATE_KEYS = ("MixtureDataModule",)  # where a mixture's data state was kept before one DataModule served all
+
+
+def upgrade_data_state(checkpoint: dict) -> None:
+    """Move a checkpoint's data state written under a former DataModule class name to ``PretrainDataModule``, the
+    key Lightning restores the DataModule from; called while the checkpoint loads, before the DataModule restores
+    (``PretrainModule.on_load_checkpoint``: Lightning calls the module's hook first)."""
+    for key in LEGACY_STATE_KEYS:
+        if key in checkpoint:
+            checkpoint.setdefault("PretrainDataModule", checkpoint.pop(key))
+
+
 def checkpoint_seq_len(ckpt: dict) -> int | None:
     """The sequence length a checkpoint was trained at: its DataModule's state (``PretrainDataModule.state_dict``),
     or, for checkpoints written before the data side kept it, the module's hyper_parameters."""

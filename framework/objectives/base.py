@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from framework.callbacks.throughput import logs_this_step
+from framework.data.position import upgrade_data_state
 from framework.data.tokenizer import SpecialIds
 from framework.models import ModelConfig, build_model
 from framework.objectives.config import ObjectiveConfig, OptimConfig
@@ -141,6 +142,7 @@ class PretrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        upgrade_data_state(checkpoint)  # an older mixture run's data position, under the name it is restored from
 
 
 LEGACY_HPARAMS = {"seq_len", "tokenizer_path"}  # saved by older checkpoints; the data side owns them now
