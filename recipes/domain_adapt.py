@@ -67,14 +67,17 @@ def resolve_base(base: str) -> Path:
 
 
 def base_tokenizer_path(ckpt: Path, hp: dict) -> Path:
-    """The run directory's tokenizer.json (train.py copies it there), else the one its hyperparameters record."""
+    """The run directory's tokenizer.json (train.py copies it there), else the one an older checkpoint's
+    hyperparameters record."""
     for directory in [ckpt.parent, *ckpt.resolve().parents][:3]:
         if (directory / tk.TOKENIZER_FILE).exists():
             return directory / tk.TOKENIZER_FILE
-    if hp.get("tokenizer_path") and Path(hp["tokenizer_path"]).exists():
-        return Path(hp["tokenizer_path"])
-    raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its run directory, and its recorded "
-                            f"{hp.get('tokenizer_path')!r} is gone; copy the base run's tokenizer.json there.")
+    recorded = hp.get("tokenizer_path")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    gone = f", and its recorded {recorded!r} is gone" if recorded else ""
+    raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its run directory{gone}; copy the base run's "
+                            "tokenizer.json there.")
 
 
 def data_configs(args: argparse.Namespace, base_seq_len: int | None) -> dict[str, DataConfig]:
