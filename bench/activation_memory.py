@@ -40,7 +40,7 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 def measure_row(row: ts.Row, device: str, precision: str, data_dir: Path) -> dict:
     vocab = row.vocab_size or ts.VOCAB[row.objective]
     opts = ts.Options(device=device, precision=precision, compile=False, num_workers=0)
-    window = ts.objective_class(row.objective).window_length(row.seq_len, ts.ObjectiveConfig(name=row.objective))
+    window = ts.window_length(ts.ObjectiveConfig(name=row.objective), row.seq_len)
     prepared = ts.random_token_data(data_dir / f"{row.preset}-{row.objective}", 4 * row.micro_batch * window + 8 * window,
                                     vocab)
     module = ts.build_module(row, opts, vocab).to(device)

@@ -19,6 +19,7 @@ from framework.callbacks.throughput import ThroughputMonitor, measure_training_f
 from framework.data.tokenizer import SpecialIds
 from framework.models import ModelConfig
 from framework.objectives import objective_class
+from framework.data.objective_batches import batch_collator, window_length
 from framework.objectives.base import module_kwargs
 from framework.objectives.config import ObjectiveConfig, OptimConfig
 from framework.scaling.flops import training_flops_per_step
@@ -30,9 +31,9 @@ preset, objective, B, T, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int
 special = SpecialIds(0, 1, 2, 3, 4, tuple(range(5, 105)))
 cfg = ModelConfig.from_name(preset, vocab_size=32000)
 cls = objective_class(objective)
-module = cls(**module_kwargs(cfg, OptimConfig(warmup_steps=5), ObjectiveConfig(name=objective), special, steps, T))
-window = cls.window_length(T, module.objective_config)
-collate = module.collator()
+module = cls(**module_kwargs(cfg, OptimConfig(warmup_steps=5), ObjectiveConfig(name=objective), special, steps))
+window = window_length(module.objective_config, T)
+collate = batch_collator(module.objective_config, T, special, cfg.vocab_size)
 g = torch.Generator().manual_seed(0)
 data = [torch.randint(105, 32000, (window,), generator=g) for _ in range(B * steps)]
 loader = DataLoader(data, batch_size=B, collate_fn=(lambda xs: collate(torch.stack(xs))) if collate else None)

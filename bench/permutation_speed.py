@@ -3,7 +3,7 @@
     python3 bench/permutation_speed.py
 
 Per corpus size n (windows): milliseconds to map one million indices through ``FeistelPermutation`` (one
-vectorised call), milliseconds per million samples drawn through ``ResumableRankSampler`` (rank 3 of 8,
+vectorised call), milliseconds per million samples drawn through ``MixtureSampler`` (one source of weight 1, rank 3 of 8,
 micro-batch 4: positions, epochs, the permutation and the Python ints it yields), the sampler's peak traced
 memory while drawing 3 chunks (tracemalloc; numpy's allocations are traced), and what one epoch's
 ``torch.randperm(n)`` (the former order) holds: 8 n bytes per rank.
@@ -17,7 +17,7 @@ import tracemalloc
 
 import numpy as np
 
-from framework.data.datamodule import ResumableRankSampler
+from framework.data.datamodule import MixtureSampler
 from framework.data.permutation import FeistelPermutation
 
 SIZES = [10**3, 10**6, 10**9, 10**12]  # windows: 10^9 windows of 1,024 tokens ~ a trillion tokens
@@ -41,10 +41,10 @@ def main() -> None:
         perm = FeistelPermutation(n, seed=0, epoch=1)
         indices = np.arange(MILLION, dtype=np.int64) % n
         perm_s = best_of(lambda: perm(indices))
-        sampler = ResumableRankSampler(n, seed=0, rank=3, world_size=8, micro_batch_size=4)
+        sampler = MixtureSampler(["one"], [1.0], [n], seed=0, rank=3, world_size=8, micro_batch_size=4, streams=[0])
         sampler_s = best_of(lambda: sum(1 for _ in itertools.islice(iter(sampler), MILLION)), repeats=1)
         tracemalloc.start()
-        list(itertools.islice(iter(sampler), 3 * ResumableRankSampler.CHUNK))
+        list(itertools.islice(iter(sampler), 3 * MixtureSampler.CHUNK))
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         print(f"{n:>16,} {perm_s * 1e3:>17.1f} {sampler_s * 1e3:>13.1f} {peak / 2**20:>17.2f} "

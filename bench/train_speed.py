@@ -14,7 +14,7 @@ the device is synchronised at the two edges of the measured window only (after t
 after the last step), so the ratio of their step times is Lightning's overhead.
 
 The data are random token ids written as one uint16 shard (the framework's real loader path: ``PackedWindows``,
-``ResumableRankSampler``, the objective's collator in ``num_workers`` processes, pinned memory on CUDA), so the
+``MixtureSampler``, the objective's collator in ``num_workers`` processes, pinned memory on CUDA), so the
 data-wait fraction (seconds blocked in the loader's ``next()`` / window seconds, counted by
 ``TimedDataLoader``) is the real loader's.
 
@@ -55,6 +55,7 @@ import torch  # noqa: E402
 from framework.callbacks.preemption import PreemptionCallback  # noqa: E402
 from framework.callbacks.throughput import ThroughputMonitor, measure_training_flops, resolve_peak_flops  # noqa: E402
 from framework.data.datamodule import PretrainDataModule  # noqa: E402
+from framework.data.objective_batches import window_length  # noqa: E402
 from framework.data.prepare import PreparedData  # noqa: E402
 from framework.data.tokenizer import SpecialIds  # noqa: E402
 from framework.distributed.checkpoints import ResumeStateCallback  # noqa: E402
@@ -151,17 +152,17 @@ def build_module(row: Row, opts: Options, vocab_size: int):
     total = opts.warmup + opts.steps
     optim = OptimConfig(warmup_steps=max(1, total // 10), name=opts.optim)
     torch.manual_seed(opts.seed)
-    module = cls(**module_kwargs(cfg, optim, ObjectiveConfig(name=row.objective), SPECIAL, total, row.seq_len))
+    module = cls(**module_kwargs(cfg, optim, ObjectiveConfig(name=row.objective), SPECIAL, total))
     module.parallelizer = Parallelizer(StrategyConfig(name="auto", compile=opts.compile), opts.precision)
     return module
 
 
 def build_datamodule(module, row: Row, opts: Options, prepared: PreparedData, num_workers: int | None = None
                      ) -> PretrainDataModule:
-    window = type(module).window_length(row.seq_len, module.objective_config)
     workers = opts.num_workers if num_workers is None else num_workers
-    return PretrainDataModule(prepared, window, row.micro_batch, collate_fn=module.collator(opts.document_mask), seed=opts.seed,
-                              num_workers=workers, val_windows=row.micro_batch)
+    return PretrainDataModule.for_objective(prepared, module.objective_config, row.seq_len, row.micro_batch,
+                                            document_mask=opts.document_mask, vocab_size=module.model_config.vocab_size,
+                                            seed=opts.seed, num_workers=workers, val_windows=row.micro_batch)
 
 
 def first_batch(module, row: Row, opts: Options, prepared: PreparedData):
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         total = opts.warmup + opts.steps
         for row in rows:
             vocab = row.vocab_size or (512 if args.tiny else VOCAB[row.objective])
-            window = objective_class(row.objective).window_length(row.seq_len, ObjectiveConfig(name=row.objective))
+            window = window_length(ObjectiveConfig(name=row.objective), row.seq_len)
             tokens = 2 * total * row.micro_batch * window + 8 * window  # two epochs' worth never needed; slack
             prepared = random_token_data(data_root / f"{row.preset}-{row.objective}-{vocab}", tokens, vocab, opts.seed,
                                          opts.document_tokens)

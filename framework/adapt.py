@@ -151,17 +151,18 @@ def evaluate_split(module, prepared: PreparedData, seq_len: int, micro_batch_siz
     ``max_windows`` validation windows of ``prepared``, as ``PretrainModule.validation_step`` computes it; and
     nats/byte = loss / (bytes per token of exactly those windows). Two tokenizers cover the same text only when
     both evaluate the whole split (the default ``max_windows``): compare nats/byte across tokenizers then."""
-    window = type(module).window_length(seq_len, module.objective_config)
-    data = PretrainDataModule(prepared, window, micro_batch_size, collate_fn=module.collator(), seed=seed,
-                              val_windows=max_windows)
+    data = PretrainDataModule.for_objective(prepared, module.objective_config, seq_len, micro_batch_size,
+                                            vocab_size=module.model_config.vocab_size, seed=seed,
+                                            val_windows=max_windows)
+    (loader,) = data.val_dataloader()  # one source: one loader
     lengths = token_bytes(prepared.tokenizer())
-    windows = data.val_dataloader().dataset  # the (window, position) pairs evaluated below
+    windows = loader.dataset  # the (window, position) pairs evaluated below
     ids = np.concatenate([w.numpy() for w, _ in windows]) if len(windows) else np.zeros(0, dtype=np.int64)
     bytes_per_token = int(lengths[ids].sum()) / max(1, len(ids))
     was_training = module.training
     module.eval()
     total, count = 0.0, 0
-    for batch in data.val_dataloader():
+    for batch in loader:
         loss, n = module.compute_loss(move_data_to_device(batch, module.device))
         total += float(loss) * int(n)
         count += int(n)
@@ -175,7 +176,6 @@ def module_from_checkpoint(path: str | Path):
     """The objective's ``PretrainModule`` of a single-file checkpoint, weights loaded, in eval mode."""
     hp, state = load_framework_checkpoint(path)
     module = objective_class(hp["objective"]["name"])(
-        **{k: hp[k] for k in ("model_config", "optim", "objective", "special_ids", "max_steps", "seq_len")},
-        tokenizer_path=hp.get("tokenizer_path", ""))
+        **{k: hp[k] for k in ("model_config", "optim", "objective", "special_ids", "max_steps")})
     module.model.load_state_dict(state)
     return module.eval()

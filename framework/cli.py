@@ -21,7 +21,8 @@ from hydra.errors import HydraException
 
 from framework.cli_errors import user_errors
 from framework.config import compose as compose_train_config
-from framework.data.prepare import merge_prepared, prepare_data, prepare_task, prepare_tokenizer
+from framework.data.mixture import prepare_sources
+from framework.data.prepare import merge_prepared, prepare_task, prepare_tokenizer
 from framework.validate import validate
 
 
@@ -54,18 +55,9 @@ def _prepare(args: argparse.Namespace) -> None:
     cfg = compose_train_config(args.overrides)
     validate(cfg, check_device=False)  # the checks fw-train runs first; preparation may run on a CPU node
     split_job = args.tokenizer_only or args.merge or args.task_index is not None
-    if cfg.data.mixture:  # each source's shards, one shared tokenizer
-        if split_job:
-            raise ValueError("a mixture is prepared source by source; split one source into tasks with its own "
-                             "overrides (data.source=..., data.tokenizer_path=<the mixture's tokenizer>).")
-        from framework.data.mixture import prepare_mixture
-
-        mixture = prepare_mixture(cfg.data)
-        for name, part in mixture.parts.items():
-            print(f"{name} (weight {mixture.meta['mixture'][name]:.4g}) ready at {part.directory}: "
-                  f"{part.meta['tokens']['train']:,} train / {part.meta['tokens']['val']:,} val tokens")
-        print(f"shared tokenizer {mixture.meta['tokenizer_hash']} ({mixture.vocab_size} tokens): {mixture.tokenizer_path}")
-        return
+    if cfg.data.mixture and split_job:
+        raise ValueError("a mixture is prepared source by source; split one source into tasks with its own "
+                         "overrides (data.source=..., data.tokenizer_path=<the mixture's tokenizer>).")
     if args.tokenizer_only:
         print(f"tokenizer ready at {prepare_tokenizer(cfg.data)}")
         return
@@ -76,8 +68,16 @@ def _prepare(args: argparse.Namespace) -> None:
         if prepared is None:
             print(f"task {args.task_index} of {args.num_tasks} done; the last task to finish merges")
             return
-    else:
-        prepared = prepare_data(cfg.data)
+    else:  # what training prepares: the one source, or each source of the mixture with one shared tokenizer
+        sources = prepare_sources(cfg.data)
+        if sources.is_mixture:
+            for name, part in sources.parts.items():
+                print(f"{name} (weight {sources.meta['mixture'][name]:.4g}) ready at {part.directory}: "
+                      f"{part.meta['tokens']['train']:,} train / {part.meta['tokens']['val']:,} val tokens")
+            print(f"shared tokenizer {sources.meta['tokenizer_hash']} ({sources.vocab_size} tokens): "
+                  f"{sources.tokenizer_path}")
+            return
+        prepared = sources.parts[sources.names[0]]
     m = prepared.meta
     print(f"data ready at {prepared.directory}: {m['tokens']['train']:,} train / {m['tokens']['val']:,} val tokens, "
           f"vocab {m['vocab_size']}, tokenizer {m['tokenizer_hash']}")

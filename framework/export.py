@@ -83,9 +83,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
     """Write a transformers directory for ``checkpoint`` to ``out_dir`` and return ``out_dir``. A non-empty
     ``out_dir`` (it may hold the user's files) is refused unless ``overwrite``, before anything is read.
 
-    ``tokenizer_path`` defaults to the tokenizer the run trained with (its path is in the checkpoint's
-    hparams; else ``<run_dir>/tokenizer.json`` beside ``<run_dir>/checkpoints/``); pass it when the
-    checkpoint moved to a machine without either."""
+    ``tokenizer_path`` defaults to the tokenizer the run trained with: ``<run_dir>/tokenizer.json`` beside
+    ``<run_dir>/checkpoints/`` (older checkpoints also record its data-cache path in their hparams); pass it when
+    the checkpoint moved to a machine without either."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -94,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
                               "directory, or pass --overwrite to replace the files the export writes there.")
     config, special, state, hparams = load_checkpoint(checkpoint)
     if tokenizer_path is None:
-        # the path the run recorded, else the copy framework.train keeps in <run_dir>/tokenizer.json
+        # the path an older run recorded, else the copy framework.train keeps in <run_dir>/tokenizer.json
         candidates = [Path(p) for p in (hparams.get("tokenizer_path"), Path(checkpoint).resolve().parent.parent
                                         / "tokenizer.json") if p]
         tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0] if candidates else Path(""))

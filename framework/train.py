@@ -34,9 +34,9 @@ from framework.callbacks.throughput import ThroughputMonitor, pf_days
 from framework.config import CONF_DIR, TrainConfig, register_configs, resolve_model, to_run_config
 from framework.config_errors import check_command_line
 from framework.data.datamodule import PretrainDataModule
-from framework.data.mixture import MixtureDataModule, MixtureTokensLogger, mixture_metrics, prepare_mixture
+from framework.data.mixture import prepare_sources
 from framework.data.position import check_resume_world_size
-from framework.data.prepare import prepare_data
+from framework.data.source_metrics import SourceTokensLogger, source_metrics
 from framework.distributed.checkpoints import (CheckpointWriteError, ResumeStateCallback, checkpoint_plugins,
                                                checkpoint_wandb_id, resolve_resume)
 from framework.distributed.sharded_checksums import ShardedChecksums
@@ -72,21 +72,22 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    mixture = bool(cfg.data.mixture)  # several sources sampled by weight (framework.data.mixture)
-    prepared = (prepare_mixture if mixture else prepare_data)(cfg.data, progress=_is_global_zero())
+    # one source, or several sampled by weight (framework.data.mixture): one DataModule either way
+    prepared = prepare_sources(cfg.data, progress=_is_global_zero())
 
     model_config = resolve_model(cfg.model).replace(vocab_size=prepared.vocab_size)
-    objective_cls = objective_class(cfg.objective.name)
-    window = objective_cls.window_length(cfg.data.seq_len, cfg.objective)
-    module = objective_cls(**module_kwargs(model_config, cfg.optim, cfg.objective, prepared.special_ids(),
-                                           cfg.trainer.max_steps, cfg.data.seq_len, prepared.tokenizer_path))
+    module = objective_class(cfg.objective.name)(**module_kwargs(model_config, cfg.optim, cfg.objective,
+                                                                 prepared.special_ids(), cfg.trainer.max_steps))
     if cfg.init_from:  # continued pretraining: the model's weights, not the optimizer, schedule or step
         load_init_weights(module.model, model_config, cfg.init_from, prepared.meta["tokenizer_hash"])
     module.parallelizer = Parallelizer(cfg.strategy, cfg.precision.mode)  # applied in configure_model
-    datamodule_cls = MixtureDataModule if mixture else PretrainDataModule
-    datamodule = datamodule_cls(prepared, window, cfg.data.micro_batch_size, collate_fn=module.collator(cfg.data.document_mask),
-                                seed=cfg.seed, num_workers=cfg.data.num_workers, val_windows=cfg.data.val_windows)
+    module.optimizer_under_deepspeed = cfg.strategy.name == "deepspeed"
+    datamodule = PretrainDataModule.for_objective(
+        prepared, cfg.objective, cfg.data.seq_len, cfg.data.micro_batch_size, document_mask=cfg.data.document_mask,
+        vocab_size=model_config.vocab_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        val_windows=cfg.data.val_windows)
     datamodule.skips = load_skips(run_dir)  # windows a spike-guard rollback skipped (merged with the checkpoint's)
+    module.val_sources = datamodule.val_sources  # val/<source>/loss and their weighted mean, val/loss
 
     ckpt_dir = run_dir / "checkpoints"
     guard = cfg.callbacks.spike_guard
@@ -104,8 +105,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
             cfg.strategy, t.accelerator, cfg.precision.mode, cfg.data.micro_batch_size, t.accumulate_grad_batches,
             t.gradient_clip_val),
         logger=build_loggers(cfg.logger, run_dir, cfg.name, wandb_id=checkpoint_wandb_id(resume_from)) or False,
-        callbacks=[checkpointing, ResumeStateCallback(), ShardedChecksums(), MetricsLogCallback(),
-                   *([MixtureTokensLogger()] if mixture else [])]
+        callbacks=[checkpointing, ResumeStateCallback(), ShardedChecksums(), MetricsLogCallback(), SourceTokensLogger()]
         + ([ThroughputMonitor(cfg.callbacks.throughput_window, cfg.callbacks.peak_flops_per_device)]
            if cfg.callbacks.throughput else [])
         + ([SpikeGuard(run_dir, guard.window, guard.sigma, guard.min_history, guard.max_consecutive)]
@@ -200,8 +200,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
         "parameters": module.model_config.num_parameters(),
         "train_loss": float(train_loss) if train_loss is not None else None,
     }
-    if isinstance(datamodule, MixtureDataModule):  # val_loss_nats/<source>, tokens_seen/<source>, epochs/<source>
-        metrics.update(mixture_metrics(results, datamodule, trainer))
+    metrics.update(source_metrics(results, datamodule, trainer))  # val_loss_nats/, tokens_seen/, epochs/<source>
     monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
     if monitor is not None and monitor.flops_per_micro_batch:
         metrics.update(flops=monitor.cumulative_flops, pf_days=pf_days(monitor.cumulative_flops))
@@ -227,7 +226,7 @@ def _print_summary(m: dict, run_dir: Path) -> None:
         f"(difference {m['val_unigram_entropy_nats'] - m['val_loss_nats']:+.4f}); step {m['step']}, "
         f"{m['tokens_seen']:,} tokens seen, {m['parameters']:,} parameters\nrun directory: {run_dir}"
     )
-    sources = [k.split("/", 1)[1] for k in m if k.startswith("val_loss_nats/")]  # a mixture (val_loss: weighted mean)
+    sources = [k.split("/", 1)[1] for k in m if k.startswith("val_loss_nats/")]  # (val_loss: their weighted mean)
     for name in sources:
         print(f"  {name}: validation loss {m[f'val_loss_nats/{name}']:.4f} nats/token, "
               f"{m.get(f'tokens_seen/{name}', 0):,} tokens seen ({m.get(f'epochs/{name}', 0):.3g} epochs)")

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from framework.adapt import adapt_checkpoint, evaluate_split, load_framework_checkpoint, module_from_checkpoint
+from framework.adapt import adapt_checkpoint, evaluate_split, module_from_checkpoint
+from framework.data.position import checkpoint_seq_len
+from framework.distributed.checkpoints import read_training_checkpoint
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig
 from framework.data.prepare import prepare_data
@@ -65,18 +67,24 @@ def resolve_base(base: str) -> Path:
 
 
 def base_tokenizer_path(ckpt: Path, hp: dict) -> Path:
-    """The run directory's tokenizer.json (train.py copies it there), else the one its hyperparameters record."""
+    """The run directory's tokenizer.json (train.py copies it there), else the one an older checkpoint's
+    hyperparameters record."""
     for directory in [ckpt.parent, *ckpt.resolve().parents][:3]:
         if (directory / tk.TOKENIZER_FILE).exists():
             return directory / tk.TOKENIZER_FILE
-    if hp.get("tokenizer_path") and Path(hp["tokenizer_path"]).exists():
-        return Path(hp["tokenizer_path"])
-    raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its run directory, and its recorded "
-                            f"{hp.get('tokenizer_path')!r} is gone; copy the base run's tokenizer.json there.")
+    recorded = hp.get("tokenizer_path")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    gone = f", and its recorded {recorded!r} is gone" if recorded else ""
+    raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its run directory{gone}; copy the base run's "
+                            "tokenizer.json there.")
 
 
-def data_configs(args: argparse.Namespace, hp: dict) -> dict[str, DataConfig]:
-    common = dict(seq_len=args.seq_len or int(hp["seq_len"]), micro_batch_size=args.micro_batch,
+def data_configs(args: argparse.Namespace, base_seq_len: int | None) -> dict[str, DataConfig]:
+    """``base_seq_len``: the sequence length the base was trained at (its DataModule's checkpoint state)."""
+    if not (args.seq_len or base_seq_len):
+        raise SystemExit("error: the base checkpoint does not record its sequence length; pass --seq-len.")
+    common = dict(seq_len=args.seq_len or int(base_seq_len), micro_batch_size=args.micro_batch,
                   cache_dir=args.cache_dir, num_proc=args.num_proc, val_windows=args.val_windows)
     if args.curation:  # the evaluated splits are the ones training sees
         common["curation"] = replace(DataConfig().curation, enabled=True)
@@ -228,13 +236,14 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     try:
         ckpt = resolve_base(args.base)
-        hp, _ = load_framework_checkpoint(ckpt)
+        hp, _, raw = read_training_checkpoint(ckpt)
+        base_seq_len = checkpoint_seq_len(raw)
         base_tok_path = base_tokenizer_path(ckpt, hp)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     stage(f"base {ckpt} ({hp['objective']['name']}, {hp['model_config']['family']}, "
           f"{hp['model_config']['vocab_size']} tokens)")
-    data = data_configs(args, hp)
+    data = data_configs(args, base_seq_len)
     base_tok = tk.load_tokenizer(base_tok_path)
 
     stage(f"tokenizer: {args.tokenizer}")

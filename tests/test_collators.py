@@ -252,3 +252,32 @@ def test_collators_pickle_for_dataloader_workers():
         a = collate(windows, generator=torch.Generator().manual_seed(0))
         b = clone(windows, generator=torch.Generator().manual_seed(0))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ============================================================================ the data side's choice per objective
+def test_objective_batches_choose_window_length_and_collator_per_objective(tmp_path, small_tokenizer):
+    from framework.data.collators import CLMDocumentCollator
+    from framework.data.objective_batches import batch_collator, target_length, window_length
+    from framework.data.tokenizer import SpecialIds
+    from framework.objectives.config import ObjectiveConfig
+
+    ids = SpecialIds(pad=PAD, bos=BOS, eos=EOS, unk=UNK, mask=MASK, sentinels=SENTINELS)
+    clm, mlm, span = (ObjectiveConfig(name=n) for n in ("clm", "mlm", "span_corruption"))
+    assert (window_length(clm, 512), window_length(mlm, 512), window_length(span, 512)) == (513, 512, 568)
+    assert (target_length(span, 512), target_length(clm, 512)) == (114, 512)  # T5's 512 -> (568, 114)
+    assert batch_collator(clm, 64, ids, VOCAB) is None  # causal LM: the windows are the batch
+    assert isinstance(batch_collator(clm, 64, ids, VOCAB, document_mask=True), CLMDocumentCollator)
+    windows = synthetic_windows(8, 64)
+    batch = batch_collator(mlm, 64, ids, VOCAB)(windows, generator=torch.Generator().manual_seed(0))
+    direct = MLMCollator(vocab_size=VOCAB, mask_id=MASK, special_ids=ids.all)(windows, generator=torch.Generator()
+                                                                               .manual_seed(0))
+    assert all(torch.equal(batch[k], direct[k]) for k in direct)  # the same masking statistics as before
+    corrupted = batch_collator(span, 64, ids, VOCAB)(synthetic_windows(8, window_length(span, 64)))
+    assert corrupted["input_ids"].shape == (8, 64) and corrupted["labels"].shape == (8, target_length(span, 64))
+    whole_words = ObjectiveConfig(name="mlm", whole_word_masking=True)
+    with pytest.raises(ValueError, match="whole_word_masking needs the run's tokenizer"):
+        batch_collator(whole_words, 64, ids, VOCAB)
+    small_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert batch_collator(whole_words, 64, ids, VOCAB, tmp_path / "tokenizer.json").word_tables is not None
+    with pytest.raises(ValueError, match="objective='ul2' is not one of"):
+        window_length(ObjectiveConfig(name="ul2"), 64)

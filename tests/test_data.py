@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from framework.data.config import DataConfig
-from framework.data.datamodule import PackedWindows, PretrainDataModule, ResumableRankSampler
+from framework.data.datamodule import MixtureSampler, PackedWindows, PretrainDataModule
 from framework.data.prepare import open_tokens, prepare_data, unigram_entropy
 from framework.data.sources import is_validation, iter_documents, stdlib_documents
 from framework.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS
@@ -133,9 +133,9 @@ def _take(it, n):
 
 def _merged_ranks(n, seed, world, micro_batch, micro_batches, start=0):
     """All ranks' samples ((window, position) pairs) of ``micro_batches`` micro-batches, rank blocks side by side."""
-    streams = [iter(ResumableRankSampler(n, seed, rank, world, start=start, with_position=True,
-                                         micro_batch_size=micro_batch)) for rank in range(world)]
-    return [item for _ in range(micro_batches) for s in streams for item in _take(s, micro_batch)]
+    streams = [iter(MixtureSampler(["one"], [1.0], [n], seed, rank, world, start=start, micro_batch_size=micro_batch,
+                                   streams=[0])) for rank in range(world)]
+    return [item[1:] for _ in range(micro_batches) for s in streams for item in _take(s, micro_batch)]
 
 
 def test_sampler_order_is_seeded_rank_disjoint_and_resumable():
@@ -161,10 +161,10 @@ def test_sampler_needs_constant_memory_at_any_corpus_size():
     """10^12 windows (a ~10^15-token corpus): a randperm would need 8 TB; the sampler allocates one chunk."""
     import tracemalloc
 
-    sampler = iter(ResumableRankSampler(10**12, seed=1, rank=1, world_size=8, micro_batch_size=4))
+    sampler = iter(MixtureSampler(["one"], [1.0], [10**12], seed=1, rank=1, world_size=8, micro_batch_size=4))
     tracemalloc.start()
     try:
-        taken = _take(sampler, 3 * ResumableRankSampler.CHUNK)  # numpy's allocations are traced too
+        taken = [window for _, window, _ in _take(sampler, 3 * MixtureSampler.CHUNK)]  # numpy's allocations too
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -184,6 +184,24 @@ def test_datamodule_state_restores_the_position(tiny_prepared):
     resumed = next(iter(dm2.train_dataloader()))
     assert torch.equal(resumed, batches[3])
     assert batches[0].shape == (4, 65) and batches[0].dtype == torch.long
+
+
+def test_datamodule_counts_training_batches_it_hands_out(tiny_prepared):
+    """The position moves with every training micro-batch Lightning takes (all ranks' windows), not with
+    validation batches; it is saved with the sequence length, and a single source is a weight-1 source."""
+    from framework.objectives.config import ObjectiveConfig
+
+    dm = PretrainDataModule.for_objective(tiny_prepared, ObjectiveConfig(name="clm"), 64, micro_batch_size=4, seed=3)
+    dm.trainer = FakeTrainer(1, 2)
+    dm.trainer.training = True
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.on_before_batch_transfer(batch, 0) is batch and dm.global_samples_consumed == 8
+    dm.trainer.training = False  # a validation batch inside fit
+    dm.on_before_batch_transfer(batch, 0)
+    state = dm.state_dict()
+    assert state["global_samples_consumed"] == 8 and state["seq_len"] == 64 and state["window_length"] == 65
+    assert state["mixture"] is None and dm.val_sources == ((dm.names[0], 1.0),)
+    assert state["source_windows"] == {dm.names[0]: 8}
 
 
 def test_windows_are_cut_from_the_concatenated_shards(tmp_path):

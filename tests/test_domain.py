@@ -124,7 +124,7 @@ def _checkpoint(tmp_path: Path, preset: str, objective: str, tok, record_tokeniz
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(preset, vocab_size=tok.get_vocab_size(), **model_overrides)
     module = objective_class(objective)(**module_kwargs(cfg, OptimConfig(), ObjectiveConfig(name=objective),
-                                                        special_ids(tok), 10, 32))
+                                                        special_ids(tok), 10))
     path = tmp_path / f"{preset}-{len(list(tmp_path.glob('*.ckpt')))}.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
                | ({"tokenizer_hash": tokenizer_hash(tok)} if record_tokenizer else {}), path)
@@ -201,7 +201,7 @@ def test_evaluation_is_the_mean_loss_and_nats_per_byte_counts_the_evaluated_text
     tok = tiny_prepared.tokenizer()
     cfg = ModelConfig.from_name("tiny", vocab_size=tok.get_vocab_size())
     module = objective_class("clm")(**module_kwargs(cfg, OptimConfig(), ObjectiveConfig(name="clm"),
-                                                    tiny_prepared.special_ids(), 10, 32))
+                                                    tiny_prepared.special_ids(), 10))
     result = evaluate_split(module, tiny_prepared, 32, micro_batch_size=4, max_windows=12)
     from framework.data.prepare import open_tokens
 

@@ -43,8 +43,9 @@ def _checkpoint(tmp_path, config: ModelConfig, tok, tokenizer_path, seed: int = 
     """A file shaped like framework.train's Lightning checkpoints: state_dict under ``model.`` + plain hparams."""
     model = build_model(config).eval()
     _randomize(model, seed)
-    hparams = module_kwargs(config, OptimConfig(), ObjectiveConfig(), special_ids(tok), max_steps=1, seq_len=64,
-                            tokenizer_path=tokenizer_path)
+    # an older checkpoint's hparams also record seq_len and the tokenizer's path (the export still reads the path)
+    hparams = {**module_kwargs(config, OptimConfig(), ObjectiveConfig(), special_ids(tok), max_steps=1), "seq_len": 64,
+               "tokenizer_path": str(tokenizer_path)}
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hparams,
                 "global_step": 1}, path)

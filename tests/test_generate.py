@@ -179,7 +179,7 @@ def test_generate_command_from_a_checkpoint(tmp_path, small_tokenizer, capsys):
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("tiny", vocab_size=tok.get_vocab_size())
     model = build_model(cfg).eval()
-    hp = module_kwargs(cfg, OptimConfig(), ObjectiveConfig(), special, 10, 64)
+    hp = module_kwargs(cfg, OptimConfig(), ObjectiveConfig(), special, 10)
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
@@ -212,7 +212,7 @@ def test_generate_command_for_encoder_decoder_and_encoder_checkpoints(tmp_path, 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(preset, vocab_size=tok.get_vocab_size())
     model = build_model(cfg).eval()
-    hp = module_kwargs(cfg, OptimConfig(), ObjectiveConfig(), special, 10, 64)
+    hp = module_kwargs(cfg, OptimConfig(), ObjectiveConfig(), special, 10)
     ckpt = tmp_path / "last.ckpt"
     torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
     (out,) = main([str(ckpt), "--prompt", prompt, "--max-new-tokens", "6", "--greedy", "--tokenizer",

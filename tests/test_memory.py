@@ -107,6 +107,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from framework.data.tokenizer import SpecialIds  # noqa: E402
 from framework.objectives import OBJECTIVES  # noqa: E402
+from framework.data.objective_batches import batch_collator, window_length  # noqa: E402
 from framework.objectives.base import module_kwargs  # noqa: E402
 from framework.objectives.config import ObjectiveConfig, OptimConfig  # noqa: E402
 from framework.scaling.saved_tensors import (efficient_attention_on_cpu, retained_tensor_bytes,  # noqa: E402
@@ -131,14 +132,14 @@ def _module_and_batch(objective: str, precision: str, batch_size: int, seq_len: 
     cfg = ModelConfig(**SHAPES[objective], vocab_size=1000)
     cls, obj = OBJECTIVES[objective], ObjectiveConfig(name=objective)
     torch.manual_seed(0)
-    module = cls(**module_kwargs(cfg, OptimConfig(), obj, SPECIAL, 10, seq_len))
+    module = cls(**module_kwargs(cfg, OptimConfig(), obj, SPECIAL, 10))
     if precision == "bf16_true":
         module = module.to(torch.bfloat16)
     if checkpointing:  # what framework.distributed.parallelize applies with strategy.activation_checkpointing
         for block in blocks(module.model):
             apply_activation_checkpointing(block)
-    window = torch.randint(105, 1000, (batch_size, cls.window_length(seq_len, obj)))
-    collate = module.collator()
+    window = torch.randint(105, 1000, (batch_size, window_length(obj, seq_len)))
+    collate = batch_collator(obj, seq_len, SPECIAL, cfg.vocab_size)
     batch = collate(window) if collate else window
     shape = {"target_len": int(batch["labels"].shape[1]) if objective == "span_corruption" else None}
     if objective == "mlm":

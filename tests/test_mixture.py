@@ -14,8 +14,8 @@ import torch
 
 from framework.config import to_run_config
 from framework.data.config import DataConfig, SourceSpec
-from framework.data.datamodule import PretrainDataModule
-from framework.data.mixture import MixtureDataModule, MixtureSampler, mixture_weights, prepare_mixture, source_config
+from framework.data.datamodule import MixtureSampler, PretrainDataModule
+from framework.data.mixture import mixture_weights, prepare_mixture, source_config
 from framework.data.mixture_schedule import MixtureSchedule, tijdeman_sequence, tolerance_windows
 from fake_trainer import FakeTrainer
 from stop_at import StopAt
@@ -156,7 +156,7 @@ def test_datamodule_state_round_trip(compose, code_paths):
     prepared = prepare_mixture(cfg, progress=False)
 
     def module():
-        return MixtureDataModule(prepared, window_length=33, micro_batch_size=4, seed=11, num_workers=0)
+        return PretrainDataModule(prepared, window_length=33, micro_batch_size=4, seed=11, num_workers=0)
 
     uninterrupted = [b for b, _ in zip(module().train_dataloader(), range(12))]
     first = module()
@@ -169,7 +169,7 @@ def test_datamodule_state_round_trip(compose, code_paths):
     continued = [b for b, _ in zip(resumed.train_dataloader(), range(7))]
     assert all(torch.equal(a, b) for a, b in zip(continued, uninterrupted[5:]))
     # a checkpoint of another mixture is refused with one sentence
-    other = MixtureDataModule(prepare_mixture(replace(cfg, mixture={"code": 0.5, "prose": 0.5}), progress=False), 33, 4)
+    other = PretrainDataModule(prepare_mixture(replace(cfg, mixture={"code": 0.5, "prose": 0.5}), progress=False), 33, 4)
     with pytest.raises(ValueError, match=r"trained with data.mixture=.*resume with the same mixture"):
         other.load_state_dict(state)
     # and so is a mixture checkpoint resumed by a single-source run with the same tokenizer (and back)
@@ -179,9 +179,15 @@ def test_datamodule_state_round_trip(compose, code_paths):
         single.load_state_dict(state)
     with pytest.raises(ValueError, match="trained on a single source, not a mixture"):
         resumed.load_state_dict(single.state_dict())
+    # a checkpoint of the former MixtureDataModule restores into the one DataModule (the module's hook moves it)
+    from framework.data.position import upgrade_data_state
+
+    old = {"MixtureDataModule": dict(state)}
+    upgrade_data_state(old)
+    assert old == {"PretrainDataModule": state}
     # validation: one loader per source, val_windows per source
     loaders = resumed.val_dataloader()
-    assert resumed.val_names == ["code", "prose"] and len(loaders) == 2
+    assert resumed.val_sources == (("code", 0.7), ("prose", 0.3)) and len(loaders) == 2
 
 
 def test_mixture_resumes_on_another_world_size(compose, code_paths):
@@ -190,7 +196,7 @@ def test_mixture_resumes_on_another_world_size(compose, code_paths):
     prepared = prepare_mixture(to_run_config(compose(_mixture_overrides(code_paths, (0.7, 0.3)))).data, progress=False)
 
     def read(world: int, micro_batch: int, micro_batches: int, state: dict | None = None) -> tuple[torch.Tensor, dict]:
-        modules = [MixtureDataModule(prepared, 33, micro_batch, seed=11) for _ in range(world)]
+        modules = [PretrainDataModule(prepared, 33, micro_batch, seed=11) for _ in range(world)]
         batches = []
         for rank, dm in enumerate(modules):
             dm.trainer = FakeTrainer(rank, world)

@@ -11,6 +11,7 @@ import torch
 from framework.models import PRESETS, Encoder, EncoderDecoder, ModelConfig, build_model
 from framework.models.layers import RelativePositionBias
 from framework.objectives import CausalLM, MaskedLM, SpanCorruption
+from framework.data.objective_batches import batch_collator, target_length, window_length
 from framework.objectives.base import module_kwargs
 from framework.objectives.config import ObjectiveConfig, OptimConfig
 from framework.data.tokenizer import SpecialIds
@@ -141,7 +142,7 @@ def test_tied_t5_rescales_decoder_output():
 
 def _kwargs(config: ModelConfig) -> dict:
     special = SpecialIds(pad=0, bos=1, eos=2, unk=3, mask=4, sentinels=tuple(range(5, 105)))
-    return module_kwargs(config, OptimConfig(), ObjectiveConfig(), special, max_steps=10, seq_len=64)
+    return module_kwargs(config, OptimConfig(), ObjectiveConfig(), special, max_steps=10)
 
 
 def test_objectives_refuse_a_model_of_another_family():
@@ -158,6 +159,16 @@ def test_objectives_refuse_a_model_of_another_family():
     assert isinstance(SpanCorruption(**_kwargs(t5)).model, EncoderDecoder)
 
 
+def test_module_loads_older_hparams_and_forgets_the_data_settings():
+    """Checkpoints written before the data side owned them carry seq_len and tokenizer_path: accepted, not kept."""
+    old = {**_kwargs(ModelConfig.from_name("tiny", vocab_size=V)), "seq_len": 64, "tokenizer_path": "/x/tok.json"}
+    module = CausalLM(**old)
+    assert "seq_len" not in module.hparams and "tokenizer_path" not in module.hparams
+    assert not hasattr(module, "seq_len") and module.hparams["max_steps"] == 10
+    with pytest.raises(TypeError, match="unexpected arguments \\['window'\\]"):
+        CausalLM(**_kwargs(ModelConfig.from_name("tiny", vocab_size=V)), window=3)
+
+
 def test_model_position_settings_are_checked():
     with pytest.raises(ValueError, match="relative_bias"):
         EncoderDecoder(ModelConfig.from_name("t5-tiny", vocab_size=V, position="rope"))
@@ -172,7 +183,8 @@ def test_objective_losses_equal_cross_entropy_on_the_right_positions():
     mlm = MaskedLM(**_kwargs(ModelConfig.from_name("bert-tiny", vocab_size=V)))
     windows = torch.randint(105, V, (4, 32))
     windows[:, ::9] = 2  # <eos> is never selected
-    batch = mlm.collator()(windows, generator=torch.Generator().manual_seed(1))
+    special = SpecialIds(**mlm.hparams["special_ids"])
+    batch = batch_collator(ObjectiveConfig(name="mlm"), 32, special, V)(windows, generator=torch.Generator().manual_seed(1))
     selected = batch["labels"] != -100
     loss, count = mlm.compute_loss(batch)
     full = mlm.model(batch["input_ids"])  # (B, T, V)
@@ -181,8 +193,9 @@ def test_objective_losses_equal_cross_entropy_on_the_right_positions():
     torch.testing.assert_close(loss, F.cross_entropy(full[selected], windows[selected]))
 
     t5 = SpanCorruption(**_kwargs(ModelConfig.from_name("t5-tiny", vocab_size=V)))
-    assert t5.window_length(64, t5.objective_config) == 70
-    batch = t5.collator()(torch.randint(105, V, (4, 70)))
+    span = ObjectiveConfig(name="span_corruption")
+    assert window_length(span, 64) == 70 and target_length(span, 64) == 14
+    batch = batch_collator(span, 64, special, V)(torch.randint(105, V, (4, 70)))
     assert batch["input_ids"].shape == (4, 64) and batch["labels"].shape == (4, 14)
     loss, count = t5.compute_loss(batch)
     logits = t5.model(batch["input_ids"], batch["decoder_input_ids"])

@@ -50,7 +50,8 @@ def test_objective_trains_and_exports(objective, model, extra, compose, tmp_path
     import transformers
 
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    out = export_checkpoint(checkpoint, tmp_path / "hf")
+    out = export_checkpoint(checkpoint, tmp_path / "hf", tokenizer_path=prepared.tokenizer_path)  # build_run alone
+    # does not copy the tokenizer into the run directory (framework.train's run does)
     config, _, state, _ = load_checkpoint(checkpoint)
     ours = build_model(config).eval()
     ours.load_state_dict(state)

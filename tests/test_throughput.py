@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import math
 
 import lightning as L
@@ -16,6 +17,7 @@ from framework.callbacks.throughput import PF_DAY_FLOPS, ThroughputMonitor, meas
 from framework.data.tokenizer import SpecialIds
 from framework.models import ModelConfig
 from framework.objectives import objective_class
+from framework.data.objective_batches import batch_collator, window_length
 from framework.objectives.base import module_kwargs
 from framework.objectives.config import ObjectiveConfig, OptimConfig
 
@@ -35,14 +37,15 @@ def one_thread():
 def make_module(objective: str = "clm", preset: str = "tiny", seq_len: int = 32, **overrides):
     cfg = ModelConfig.from_name(preset, vocab_size=VOCAB, **overrides)
     return objective_class(objective)(**module_kwargs(cfg, OptimConfig(warmup_steps=1), ObjectiveConfig(), SPECIAL,
-                                                      10, seq_len))
+                                                      10))
 
 
 def make_batch(module, batch_size: int, seq_len: int, seed: int = 0):
-    window = type(module).window_length(seq_len, module.objective_config)
+    objective = replace(module.objective_config, name=module.objective_name)
+    window = window_length(objective, seq_len)
     g = torch.Generator().manual_seed(seed)
     windows = torch.randint(105, VOCAB, (batch_size, window), generator=g)
-    collate = module.collator()
+    collate = batch_collator(objective, seq_len, SPECIAL, VOCAB)
     return collate(windows) if collate is not None else windows
 
 

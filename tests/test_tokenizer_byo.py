@@ -111,7 +111,15 @@ def _module(prepared, objective: str, family_preset: str):
 
     config = ModelConfig.from_name(family_preset, vocab_size=prepared.vocab_size)
     return objective_class(objective)(**module_kwargs(config, OptimConfig(), ObjectiveConfig(name=objective),
-                                                      prepared.special_ids(), 1, 64, prepared.tokenizer_path))
+                                                      prepared.special_ids(), 1))
+
+
+def _collator(prepared, objective: str):
+    from framework.data.objective_batches import batch_collator
+    from framework.objectives.config import ObjectiveConfig
+
+    return batch_collator(ObjectiveConfig(name=objective), 64, prepared.special_ids(), prepared.vocab_size,
+                          prepared.tokenizer_path)
 
 
 def _windows(prepared, n: int, length: int) -> torch.Tensor:
@@ -132,7 +140,7 @@ def test_gpt2_mlm_batches_use_the_added_mask(mlm_prepared):
     assert prepared.tokenizer().token_to_id("<mask>") == 50258
     module = _module(prepared, "mlm", "bert-tiny")
     windows = _windows(prepared, 16, 64)
-    batch = module.collator()(windows.clone())
+    batch = _collator(prepared, "mlm")(windows.clone())
     inputs = batch["input_ids"]
     original = windows
     masked = inputs == 50258
@@ -149,10 +157,11 @@ def test_gpt2_span_corruption_batches_use_the_added_sentinels(gpt2_dir, tmp_path
     assert ids.sentinels == tuple(range(50258, 50258 + NUM_SENTINELS)) and prepared.vocab_size == 50358
     assert prepared.meta["special_tokens"]["sentinels"]["added"] == NUM_SENTINELS
     module = _module(prepared, "span_corruption", "t5-tiny")
+    from framework.data.objective_batches import window_length
     from framework.objectives.config import ObjectiveConfig
 
-    window = module.window_length(64, ObjectiveConfig(name="span_corruption"))
-    batch = module.collator()(_windows(prepared, 8, window))
+    window = window_length(ObjectiveConfig(name="span_corruption"), 64)
+    batch = _collator(prepared, "span_corruption")(_windows(prepared, 8, window))
     inputs, labels = batch["input_ids"], batch["labels"]
     assert (inputs == 50258).any(dim=1).all() and (labels[:, 0] == 50258).all()  # <extra_id_0> opens each target
     assert set(labels[labels >= 50257].tolist()) <= set(ids.sentinels)  # no <pad>, no id beyond the vocabulary
@@ -170,7 +179,7 @@ def test_gpt2_export_loads_in_transformers_with_the_same_ids(mlm_prepared, tmp_p
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in build_model(module.model_config).state_dict().items()},
                 "hyper_parameters": dict(module.hparams), "global_step": 1}, ckpt)
-    out = export_checkpoint(ckpt, tmp_path / "hf")
+    out = export_checkpoint(ckpt, tmp_path / "hf", tokenizer_path=prepared.tokenizer_path)
     hf = transformers.AutoTokenizer.from_pretrained(out)
     text = "The tokenizer of <mask> returns a list.<eos>"
     ours = prepared.tokenizer().encode(text, add_special_tokens=False).ids

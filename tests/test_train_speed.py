@@ -290,7 +290,7 @@ def test_loader_kwargs_pin_and_persist(tmp_path, monkeypatch):
     assert datamodule.loader_kwargs() == {"num_workers": 0, "pin_memory": True}  # no worker-only options
     monkeypatch.setattr(type(datamodule), "_on_cuda", lambda self: False)
     loader = datamodule.train_dataloader()
-    assert isinstance(loader, TimedDataLoader) and isinstance(datamodule.val_dataloader(), TimedDataLoader)
+    assert isinstance(loader, TimedDataLoader) and all(isinstance(v, TimedDataLoader) for v in datamodule.val_dataloader())
     assert loader.batch_size == 4 and loader.drop_last and not loader.pin_memory
 
 

@@ -101,7 +101,8 @@ def test_masked_lm_validation_batches_are_the_same_on_any_world_size(tiny_prepar
         out = {}
         for rank in range(world):
             dm.trainer = FakeTrainer(rank, world)
-            for batch in dm.val_dataloader():
+            (loader,) = dm.val_dataloader()  # one source: one validation loader
+            for batch in loader:
                 for inputs, labels in zip(batch["input_ids"], batch["labels"]):  # the raw window: labels where selected
                     out[tuple(torch.where(labels >= 0, labels, inputs).tolist())] = tuple(labels.tolist())
         return out

@@ -241,6 +241,7 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     """Card facts from a Lightning checkpoint, merged over the run directory's model_card.json if present."""
     import torch
 
+    from framework.data.position import checkpoint_seq_len
     from framework.models import ModelConfig
 
     checkpoint = Path(checkpoint)
@@ -259,7 +260,7 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     if info is None:
         info = ModelCardInfo(name=name or checkpoint.parent.parent.name, objective=hp["objective"]["name"],
                              model_config=hp["model_config"], parameters=cfg.num_parameters(),
-                             data={"seq_len": hp.get("seq_len")})
+                             data={"seq_len": checkpoint_seq_len(ckpt)})
     elif name:
         info.name = name
     # the checkpoint's own numbers win: it may be an earlier step than the end of training, whose losses
@@ -272,3 +273,4 @@ def card_info_from_checkpoint(checkpoint: str | Path, name: str | None = None) -
     if flops is not None:
         info.compute["flops"] = float(flops)
     return info
+

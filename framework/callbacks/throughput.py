@@ -61,14 +61,19 @@ def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float,
     return flops_per_step / step_time_s / (peak_flops_per_device * devices)
 
 
-def logs_this_step(trainer: Any) -> bool:
-    """Whether Lightning writes logged metrics to the loggers after the training step now running (every
-    ``trainer.log_every_n_steps`` optimizer steps); True outside a trainer's fit loop."""
-    connector = getattr(trainer, "_logger_connector", None)
-    try:
-        return True if connector is None else bool(connector.should_update_logs)
-    except (AttributeError, NotImplementedError, RuntimeError):
+def logs_this_step(trainer: Any, step: int | None = None) -> bool:
+    """Whether Lightning writes logged metrics to the loggers after the training step now running: optimizer step
+    ``step + 1`` is a multiple of ``trainer.log_every_n_steps``, or the trainer is stopping (Lightning's rule).
+    ``step``: the optimizer steps completed before it (``trainer.global_step`` until its optimizer step runs, so
+    a callback's ``on_train_batch_end`` passes the value it read in ``on_train_batch_start``). True without a
+    trainer."""
+    if trainer is None:
         return True
+    every = trainer.log_every_n_steps
+    if not every:
+        return False
+    step = trainer.global_step if step is None else step
+    return (step + 1) % every == 0 or bool(trainer.should_stop)
 
 
 def loader_wait_seconds(trainer: Any) -> float | None:
@@ -169,6 +174,7 @@ class ThroughputMonitor(L.Callback):
         # synchronised edges: (seconds, micro-batches, tokens_seen, samples, flops, data-wait seconds or None)
         self._edges: deque = deque()
         self._micro_batches = 0
+        self._step = 0  # optimizer steps completed when the running micro-batch started (``logs_this_step``)
         self._samples = 0
         self._paused_s = 0.0
         self._pause_start: float | None = None
@@ -198,6 +204,7 @@ class ThroughputMonitor(L.Callback):
                 self._samples, self.cumulative_flops, loader_wait_seconds(trainer))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step = trainer.global_step
         if self.flops_per_micro_batch is None:
             try:
                 self.flops_per_micro_batch = measure_training_flops(pl_module, batch)
@@ -216,7 +223,7 @@ class ThroughputMonitor(L.Callback):
         self._micro_batches += 1
         self._samples += _batch_size(batch) * world
         self.cumulative_flops += float(self.flops_per_micro_batch or 0) * world
-        if not logs_this_step(trainer):
+        if not logs_this_step(trainer, self._step):
             return
         edge = self._edge(trainer, pl_module)
         # the base: the oldest edge within the last ``window`` micro-batches, else the previous edge

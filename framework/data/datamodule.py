@@ -1,4 +1,5 @@
-"""A resumable, rank-aware DataModule over packed token shards.
+"""A resumable, rank-aware DataModule over packed token shards: one source, or a mixture of several
+(framework/data/mixture.py); a single source is a mixture of weight 1, so both take the same path.
 
 The token stream of a split is cut into non-overlapping windows of ``window_length`` tokens (the
 objective decides the length: ``seq_len + 1`` for causal LM, the pre-corruption length for span
@@ -10,7 +11,11 @@ dropped remainder. Micro-batch ``m`` of the whole job (all ``W`` ranks, ``B`` wi
 side by side are the batch one process with ``W B`` windows would read, whatever ``W`` is. With gradient
 accumulation ``A`` an optimizer step is ``W B A`` consecutive positions.
 
-The position saved in every checkpoint is the number of GLOBAL samples consumed, so a run stopped on ``W`` ranks
+A mixture gives each global position to one source (``MixtureSchedule``) and reads that source's own endless stream
+(its permutation stream is ``source_stream(name)``; a single source's is 0, its j-th draw is position j).
+
+The position saved in every checkpoint is the number of GLOBAL samples consumed (counted by the DataModule itself,
+in ``on_before_batch_transfer``), so a run stopped on ``W`` ranks
 resumes on any ``W'`` at the next unread position: across the stop no window of the epoch is read twice or
 skipped. Epochs roll over without end; ``trainer.max_steps`` stops training.
 
@@ -18,7 +23,7 @@ Objectives whose batches are random (masked LM, span corruption) get one ``torch
 by (seed, stream, global position): a window is corrupted the same way whether the run was interrupted or not,
 on any number of ranks, in whichever DataLoader worker it is collated, and differently each epoch.
 
-Loading for speed (``PretrainDataModule._loader``, which other DataModules reuse): pinned host memory when
+Loading for speed (``PretrainDataModule._loader``): pinned host memory when
 training on CUDA (so Lightning's host-to-device copy can overlap compute), persistent workers and a
 prefetch depth of ``PREFETCH_FACTOR`` batches per worker when ``num_workers > 0``, and ``num_workers=-1``
 picks a worker count (``resolve_num_workers``). Every loader is a ``TimedDataLoader``: it counts the
@@ -38,7 +43,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from framework.data.permutation import stream_windows
+from framework.data.mixture import PreparedSources, as_sources
+from framework.data.mixture_schedule import MixtureSchedule
+# rank_positions and skip_positions are imported from here by the rollback and tests
+from framework.data.sampling import MixtureSampler, rank_positions, skip_positions  # noqa: F401
+from framework.data.objective_batches import batch_collator, window_length
 from framework.data.position import DATA_ORDER, loading_checkpoint_world_size, saved_global_position
 from framework.data.prepare import PreparedData, open_tokens, shard_token_count
 
@@ -80,55 +89,18 @@ class PackedWindows(Dataset):
         return torch.from_numpy(window.astype(np.int64))
 
 
-def rank_positions(start: int, rank: int, world_size: int, micro_batch_size: int, first: int,
-                   count: int, skips: tuple[tuple[int, int], ...] = ()) -> np.ndarray:
-    """Global positions (int64, (count,)) of samples ``first .. first + count - 1`` of rank ``rank``'s stream from
-    global position ``start``: its k-th sample sits in global micro-batch ``k // B``, block ``rank``. ``skips``:
-    (stream position, width) ranges the stream jumps over (the spike guard's rollbacks)."""
-    k = np.arange(first, first + count, dtype=np.int64)
-    block = world_size * micro_batch_size  # global samples per micro-batch of all ranks
-    return skip_positions(start + (k // micro_batch_size) * block + rank * micro_batch_size + k % micro_batch_size,
-                          skips)
+class SourceWindows(Dataset):
+    """``dataset[(source, i, position)]`` = (window i of that source, position) for seeded collation."""
 
+    def __init__(self, parts: list[PackedWindows]) -> None:
+        self.parts = parts
 
-def skip_positions(positions: np.ndarray, skips: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """Samples consumed -> stream positions when the stream jumps over each ``[start, start + width)`` of ``skips``
-    (stream coordinates, non-overlapping): every position at or past a skip's start moves on by its width."""
-    for start, width in sorted(skips):
-        positions = np.where(positions >= start, positions + width, positions)
-    return positions
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
 
-
-class ResumableRankSampler(Sampler[int]):
-    """Rank ``rank`` of ``world_size``'s share of the endless global stream over ``num_windows`` windows, from
-    GLOBAL position ``start`` (samples all ranks consumed before). ``micro_batch_size`` sets the block each rank
-    takes per micro-batch (see the module docstring). With ``with_position`` it yields ``(window, global
-    position)`` for seeded collation. Memory: one chunk of ``CHUNK`` indices, whatever ``num_windows`` is."""
-
-    CHUNK = 4096  # samples computed per vectorised call
-
-    def __init__(self, num_windows: int, seed: int, rank: int, world_size: int, start: int = 0,
-                 with_position: bool = False, micro_batch_size: int = 1, skips: tuple = ()) -> None:
-        if num_windows < 1:
-            raise ValueError("there are no training windows; use more data or a shorter data.seq_len.")
-        self.num_windows, self.seed, self.rank, self.world_size = num_windows, seed, rank, world_size
-        self.start, self.with_position, self.micro_batch_size = start, with_position, micro_batch_size
-        self.skips = tuple(skips)
-
-    def __iter__(self) -> Iterator:
-        first = 0
-        while True:
-            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK,
-                                       self.skips)
-            windows = stream_windows(positions, self.num_windows, self.seed)
-            if self.with_position:
-                yield from zip(windows.tolist(), positions.tolist())
-            else:
-                yield from windows.tolist()
-            first += self.CHUNK
-
-    def __len__(self) -> int:  # Lightning treats the loader as unsized when this raises
-        raise TypeError("the training stream is infinite")
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        source, index, position = key
+        return self.parts[source][index], position
 
 
 PREFETCH_FACTOR = 4  # batches each worker keeps ready (DataLoader default: 2)
@@ -199,27 +171,68 @@ class TimedDataLoader(DataLoader):
 
 
 class PretrainDataModule(L.LightningDataModule):
-    is_mixture = False  # MixtureDataModule: True (its checkpoints carry the mixture)
-    def __init__(self, prepared: PreparedData, window_length: int, micro_batch_size: int,
-                 collate_fn: Callable | None = None, seed: int = 0, num_workers: int = 0, val_windows: int = 64) -> None:
+    """The run's data: one source or a mixture (``PreparedSources``; a single source is a mixture of weight 1), cut
+    into windows, handed out in the global stream order and collated for the objective (``for_objective``).
+
+    It counts its own position (``global_samples_consumed``: every training micro-batch Lightning takes from it, all
+    ranks together) and saves it in its checkpoint state. Validation: one loader per source (``val_sources``);
+    ``val_windows`` is per source."""
+
+    def __init__(self, prepared: PreparedData | PreparedSources, window_length: int, micro_batch_size: int,
+                 collate_fn: Callable | None = None, seed: int = 0, num_workers: int = 0, val_windows: int = 64,
+                 seq_len: int | None = None) -> None:
         super().__init__()
-        self.prepared = prepared
+        self.prepared = as_sources(prepared)
         self.window_length = window_length
+        self.seq_len = seq_len  # the model's sequence length these windows feed (saved with the position)
         self.micro_batch_size = micro_batch_size
         self.collate_fn = collate_fn
         self.seed = seed
         self.num_workers = num_workers
         self.val_windows = val_windows
+        self.names, self.weights = list(self.prepared.names), list(self.prepared.weights)
+        self.schedule = MixtureSchedule(self.weights)
         self.global_samples_consumed = 0  # windows consumed by all ranks together; restored from checkpoints
         # (stream position, width) ranges the stream jumps over: data windows a spike-guard rollback skipped
         self.skips: tuple[tuple[int, int], ...] = ()
-        self._train = PackedWindows(prepared.shards("train"), prepared.dtype, window_length)
-        self._val = PackedWindows(prepared.shards("val"), prepared.dtype, window_length)
-        if len(self._train) == 0 or len(self._val) == 0:
-            raise ValueError(
-                f"window_length={window_length} tokens leaves {len(self._train)} training and {len(self._val)} "
-                "validation windows; lower data.seq_len or use more data."
-            )
+        self._train_parts, self._val_parts = [], []
+        for name in self.names:
+            part = self.prepared.parts[name]
+            train = PackedWindows(part.shards("train"), part.dtype, window_length)
+            val = PackedWindows(part.shards("val"), part.dtype, window_length)
+            if len(train) == 0 or len(val) == 0:
+                where = f"source {name!r}" if self.prepared.is_mixture else "the data"
+                raise ValueError(f"window_length={window_length} tokens leaves {where} {len(train)} training and "
+                                 f"{len(val)} validation windows; lower data.seq_len or use more data.")
+            self._train_parts.append(train)
+            self._val_parts.append(val)
+
+    @classmethod
+    def for_objective(cls, prepared: PreparedData | PreparedSources, objective, seq_len: int, micro_batch_size: int,
+                      *, document_mask: bool = False, vocab_size: int | None = None, **kwargs) -> PretrainDataModule:
+        """The data ``objective`` (an ObjectiveConfig) trains on at model sequence length ``seq_len``: its window
+        length and its collator (``framework.data.objective_batches``), from the prepared data's special tokens,
+        vocabulary (``vocab_size`` when the model's differs) and tokenizer. ``kwargs``: seed, num_workers,
+        val_windows."""
+        prepared = as_sources(prepared)
+        collate = batch_collator(objective, seq_len, prepared.special_ids(), vocab_size or prepared.vocab_size,
+                                 prepared.tokenizer_path, document_mask)
+        return cls(prepared, window_length(objective, seq_len), micro_batch_size, collate, seq_len=seq_len, **kwargs)
+
+    @property
+    def val_sources(self) -> tuple[tuple[str, float], ...]:
+        """(name, weight) of each validation loader, in order: val/loss = sum_i w_i loss_i."""
+        return tuple(zip(self.names, self.weights))
+
+    @property
+    def source_windows(self) -> dict[str, int]:
+        """Training windows consumed from each source by all ranks (host ints, no device sync)."""
+        return dict(zip(self.names, self.schedule.counts(self.global_samples_consumed)))
+
+    @property
+    def source_epochs(self) -> dict[str, float]:
+        """Passes over each source's training windows so far (> 1: the source repeated)."""
+        return {n: c / len(p) for (n, c), p in zip(self.source_windows.items(), self._train_parts)}
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -234,7 +247,7 @@ class PretrainDataModule(L.LightningDataModule):
         return torch.cuda.is_available()
 
     def loader_kwargs(self, persistent: bool = True) -> dict:
-        """Worker, pinning and prefetch settings of every DataLoader this module (or a subclass) builds."""
+        """Worker, pinning and prefetch settings of every DataLoader this module builds."""
         on_cuda = self._on_cuda()
         trainer = getattr(self, "trainer", None)
         local_devices = trainer.num_devices if trainer is not None else 1
@@ -247,20 +260,22 @@ class PretrainDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, collate_fn: Callable, *, sampler: Sampler | None = None,
                 drop_last: bool = False, persistent: bool = True) -> TimedDataLoader:
         """The one place DataLoaders are built: ``micro_batch_size`` items per batch, in ``sampler``'s order
-        (or the dataset's), with ``loader_kwargs``. A DataModule for other datasets (mixtures) reuses it.
-        ``persistent=False`` for loaders used now and then (validation): their workers exit after each pass
-        instead of staying resident beside the training loader's."""
+        (or the dataset's), with ``loader_kwargs``. ``persistent=False`` for loaders used now and then
+        (validation): their workers exit after each pass instead of staying resident beside the training loader's."""
         return TimedDataLoader(dataset, batch_size=self.micro_batch_size, sampler=sampler, shuffle=False,
                                collate_fn=collate_fn, drop_last=drop_last, **self.loader_kwargs(persistent))
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = ResumableRankSampler(len(self._train), self.seed, rank, world, start=self.global_samples_consumed,
-                                       with_position=True, micro_batch_size=self.micro_batch_size, skips=self.skips)
-        return self._loader(self._train, self._collate, sampler=sampler, drop_last=True)
+        # a single source keeps the permutation stream it always had (0); a mixture's sources get their names'
+        streams = None if self.prepared.is_mixture else [0]
+        sampler = MixtureSampler(self.names, self.weights, [len(p) for p in self._train_parts], self.seed, rank, world,
+                                 start=self.global_samples_consumed, micro_batch_size=self.micro_batch_size,
+                                 skips=self.skips, streams=streams)
+        return self._loader(SourceWindows(self._train_parts), self._collate, sampler=sampler, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._val_loader(self._val)
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._val_loader(val) for val in self._val_parts]  # val_windows per source
 
     def _val_loader(self, val: Dataset) -> DataLoader:
         """Rank r evaluates windows r, r + W, ... of the first ``val_windows`` (each collated with the generator of
@@ -288,21 +303,37 @@ class PretrainDataModule(L.LightningDataModule):
     def _val_collate(self, items: list[tuple[torch.Tensor, int]]):
         return self._collate(items, stream=1)
 
-    # ------------------------------------------------------------------ resume
+    # ------------------------------------------------------------------ the position, and resume
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning hook, run on every batch it takes from a loader, right before that batch's step: a training
+        micro-batch moves the global position on by all ranks' windows."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            self.on_micro_batch_consumed()
+        return batch
+
     def on_micro_batch_consumed(self) -> None:
         self.global_samples_consumed += self.micro_batch_size * self._rank_world()[1]
 
     def state_dict(self) -> dict:
         return {"global_samples_consumed": self.global_samples_consumed, "world_size": self._rank_world()[1],
                 "micro_batch_size": self.micro_batch_size, "order": DATA_ORDER, "seed": self.seed,
-                "window_length": self.window_length, "tokenizer_hash": self.prepared.meta["tokenizer_hash"],
-                "skips": [list(s) for s in self.skips]}
+                "window_length": self.window_length, "seq_len": self.seq_len,
+                "tokenizer_hash": self.prepared.meta["tokenizer_hash"], "skips": [list(s) for s in self.skips],
+                "mixture": dict(zip(self.names, self.weights)) if self.prepared.is_mixture else None,
+                "source_windows": self.source_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("mixture") is not None and not self.is_mixture:
-            raise ValueError(f"this checkpoint was trained on the mixture data.mixture={state['mixture']}, not on one "
-                             "source; resume with the same data.sources and data.mixture or start a new run "
-                             "(resume=never).")
+        saved, current = state.get("mixture"), dict(zip(self.names, self.weights))
+        if saved is not None and not self.prepared.is_mixture:
+            raise ValueError(f"this checkpoint was trained on the mixture data.mixture={saved}, not on one source; "
+                             "resume with the same data.sources and data.mixture or start a new run (resume=never).")
+        if saved is None and self.prepared.is_mixture:
+            raise ValueError("this checkpoint was trained on a single source, not a mixture; resume with its data "
+                             "settings or start a new run (resume=never).")
+        if saved is not None and (set(saved) != set(current) or any(abs(saved[n] - current[n]) > 1e-12 for n in current)):
+            raise ValueError(f"this checkpoint was trained with data.mixture={saved}, not {current}; resume with the "
+                             "same mixture or start a new run (resume=never).")
         if state.get("tokenizer_hash") not in (None, self.prepared.meta["tokenizer_hash"]):
             raise ValueError("this checkpoint was trained with a different tokenizer/corpus than the configured data; "
                              "resume with the same data settings or start a new run (resume=never).")

@@ -2,7 +2,11 @@
 
     fw-train 'data.sources={legal:{source:licenses},general:{source:stdlib}}' 'data.mixture={legal:0.51,general:0.49}'
 
-Preparation (``prepare_mixture``): one byte-level BPE tokenizer for all sources (``data.tokenizer_path`` when
+``prepare_sources`` is what training and ``fw-prepare`` call: a single source (``data.mixture`` empty) is
+prepared by ``prepare_data`` and becomes a mixture of one source of weight 1, so the DataModule
+(framework/data/datamodule.py), its checkpoint state and the per-source metrics take one path.
+
+Preparation of a mixture (``prepare_mixture``): one byte-level BPE tokenizer for all sources (``data.tokenizer_path`` when
 given, else trained on the union of the sources' training documents and kept in
 ``<cache_dir>/mixture-<key>/tokenizer.json``), then each source is prepared into its own shards by
 ``prepare_data`` with that tokenizer, so token ids mean the same in every source.
@@ -21,7 +25,8 @@ with the normalised weights taken as integers over 10^6 (exact for weights of up
 within 1e-6), so the rule runs in exact integer arithmetic, the same on every rank. With integer weights the
 sequence is periodic (``MixtureSchedule``), so the source of any position and every source's count at it
 are O(1) look-ups. Within a source, its j-th draw is window ``FeistelPermutation(n_s, seed, j // n_s,
-stream=crc32(name))(j mod n_s)`` (framework/data/permutation.py: O(1) memory); each source rolls over its epochs
+stream=crc32(name))(j mod n_s)`` (framework/data/permutation.py: O(1) memory; ``MixtureSampler`` in
+framework/data/sampling.py); each source rolls over its epochs
 independently (a small source repeats: ``source_epochs``).
 
 Resume: the state is the global stream position (all ranks' windows); the per-source counts follow from
@@ -34,23 +39,14 @@ import dataclasses
 import hashlib
 import json
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import lightning as L
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig, SourceSpec
-from framework.data.datamodule import PackedWindows, PretrainDataModule, rank_positions
 from framework.data.prepare import FORMAT_VERSION, PreparedData, PreparedView, _file_lock, _train_texts, prepare_data
 from framework.data.curation import curate
-from framework.data.mixture_schedule import MixtureSchedule
-from framework.data.permutation import stream_windows
 from framework.data.sources import iter_documents, source_fingerprint
 
 # ----------------------------------------------------------------------------- configuration
@@ -87,10 +83,11 @@ def source_config(cfg: DataConfig, name: str) -> DataConfig:
 
 # ----------------------------------------------------------------------------- preparation
 @dataclass
-class PreparedMixture(PreparedView):
-    """What ``PreparedData`` offers train.py, for several sources sharing one tokenizer.
+class PreparedSources(PreparedView):
+    """The run's prepared data: named sources sharing one tokenizer, with their weights. A single source
+    (``data.mixture`` empty) is one source of weight 1 whose ``meta`` is its own (``is_mixture`` False).
 
-    ``meta["val_unigram_entropy_nats"]`` is the mixture-weighted mean of the sources' validation unigram
+    A mixture's ``meta["val_unigram_entropy_nats"]`` is the mixture-weighted mean of the sources' validation unigram
     entropies, sum_i w_i H_i: the loss of the best context-free model that knows each token's source, the
     baseline for ``val/loss`` (itself the mixture-weighted mean of the per-source losses)."""
 
@@ -99,9 +96,27 @@ class PreparedMixture(PreparedView):
     parts: dict[str, PreparedData]
     tokenizer_path: Path
     meta: dict
+    is_mixture: bool = True  # data.mixture: checkpoints carry the weights, sources draw from their own streams
 
     def special_ids(self) -> tk.SpecialIds:
         return next(iter(self.parts.values())).special_ids()
+
+
+def single_source(prepared: PreparedData, name: str | None = None) -> PreparedSources:
+    """One prepared source as a mixture of weight 1 (named ``data.source``, or its cache directory's prefix)."""
+    name = name or prepared.directory.name.rsplit("-", 1)[0]
+    return PreparedSources([name], [1.0], {name: prepared}, prepared.tokenizer_path, prepared.meta, is_mixture=False)
+
+
+def as_sources(prepared: PreparedData | PreparedSources) -> PreparedSources:
+    return prepared if isinstance(prepared, PreparedSources) else single_source(prepared)
+
+
+def prepare_sources(cfg: DataConfig, progress: bool = True) -> PreparedSources:
+    """The data ``cfg`` configures, prepared (or reused): the mixture ``data.mixture`` names, or the one source."""
+    if cfg.mixture:
+        return prepare_mixture(cfg, progress)
+    return single_source(prepare_data(cfg, progress), cfg.source)
 
 
 def mixture_key(cfg: DataConfig, names: list[str]) -> str:
@@ -141,7 +156,7 @@ def _shared_tokenizer(cfg: DataConfig, names: list[str], progress: bool) -> Path
         return path
 
 
-def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
+def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedSources:
     """One tokenizer for all sources of ``data.mixture``, then each source's own shards (reused when present)."""
     weights = mixture_weights(cfg)
     names = list(weights)
@@ -166,163 +181,4 @@ def prepare_mixture(cfg: DataConfig, progress: bool = True) -> PreparedMixture:
                     for n in names},
     }
     # the sources' copy: a given tokenizer there has the special tokens the objective needed appended
-    return PreparedMixture(names, [weights[n] for n in names], parts, parts[names[0]].tokenizer_path, meta)
-
-
-def source_stream(name: str) -> int:
-    """The permutation stream of source ``name``: sources sharing a seed get unrelated orders."""
-    return zlib.crc32(name.encode())
-
-
-class MixtureSampler(Sampler):
-    """Rank ``rank`` of ``world_size``'s share of the mixture's global stream from GLOBAL position ``start``, in
-    blocks of ``micro_batch_size`` (``rank_positions``); yields ``(source, window, global position)``."""
-
-    CHUNK = 4096  # samples computed per vectorised call
-
-    def __init__(self, names: list[str], weights: list[float], num_windows: list[int], seed: int, rank: int,
-                 world_size: int, start: int = 0, micro_batch_size: int = 1, skips: tuple = ()) -> None:
-        self.names, self.num_windows, self.seed, self.skips = names, num_windows, seed, tuple(skips)
-        self.rank, self.world_size, self.start, self.micro_batch_size = rank, world_size, start, micro_batch_size
-        self.schedule = MixtureSchedule(weights)
-
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        first = 0
-        while True:
-            positions = rank_positions(self.start, self.rank, self.world_size, self.micro_batch_size, first, self.CHUNK,
-                                       self.skips)
-            sources, draws = self.schedule.sources(positions)
-            windows = np.empty_like(draws)
-            for s in np.unique(sources):
-                where = sources == s
-                windows[where] = stream_windows(draws[where], self.num_windows[s], self.seed,
-                                                source_stream(self.names[s]))
-            yield from zip(sources.tolist(), windows.tolist(), positions.tolist())
-            first += self.CHUNK
-
-    def __len__(self) -> int:
-        raise TypeError("the training stream is infinite")
-
-
-class MixtureWindows(Dataset):
-    """``dataset[(source, i, position)]`` = (window i of that source, position) for seeded collation."""
-
-    def __init__(self, parts: list[PackedWindows]) -> None:
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-        source, index, position = key
-        return self.parts[source][index], position
-
-
-# ----------------------------------------------------------------------------- the DataModule
-class MixtureDataModule(PretrainDataModule):
-    """``PretrainDataModule``'s surface (same loaders, collation, resume hooks) over a ``PreparedMixture``.
-
-    Validation: one loader per source (``val_names``, ``val_weights``); ``val_windows`` is per source."""
-
-    is_mixture = True
-
-    def __init__(self, prepared: PreparedMixture, window_length: int, micro_batch_size: int, collate_fn=None,
-                 seed: int = 0, num_workers: int = 0, val_windows: int = 64) -> None:
-        L.LightningDataModule.__init__(self)
-        self.prepared = prepared
-        self.window_length, self.micro_batch_size, self.collate_fn = window_length, micro_batch_size, collate_fn
-        self.seed, self.num_workers, self.val_windows = seed, num_workers, val_windows
-        self.names, self.weights = list(prepared.names), list(prepared.weights)
-        self.global_samples_consumed = 0  # windows consumed by all ranks together; restored from checkpoints
-        self.skips: tuple[tuple[int, int], ...] = ()  # stream ranges a spike-guard rollback skipped
-        self.schedule = MixtureSchedule(self.weights)
-        self._train_parts, self._val_parts = [], []
-        for name in self.names:
-            part = prepared.parts[name]
-            train = PackedWindows(part.shards("train"), part.dtype, window_length)
-            val = PackedWindows(part.shards("val"), part.dtype, window_length)
-            if len(train) == 0 or len(val) == 0:
-                raise ValueError(f"window_length={window_length} tokens leaves source {name!r} {len(train)} training "
-                                 f"and {len(val)} validation windows; lower data.seq_len or give it more documents.")
-            self._train_parts.append(train)
-            self._val_parts.append(val)
-
-    @property
-    def val_names(self) -> list[str]:
-        return self.names
-
-    @property
-    def val_weights(self) -> list[float]:
-        return self.weights
-
-    @property
-    def source_windows(self) -> dict[str, int]:
-        """Training windows consumed from each source by all ranks (host ints, no device sync)."""
-        return dict(zip(self.names, self.schedule.counts(self.global_samples_consumed)))
-
-    @property
-    def source_epochs(self) -> dict[str, float]:
-        """Passes over each source's training windows so far (> 1: the source repeated)."""
-        return {n: c / len(p) for (n, c), p in zip(self.source_windows.items(), self._train_parts)}
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        sampler = MixtureSampler(self.names, self.weights, [len(p) for p in self._train_parts], self.seed, rank, world,
-                                 start=self.global_samples_consumed, micro_batch_size=self.micro_batch_size,
-                                 skips=self.skips)
-        return self._loader(MixtureWindows(self._train_parts), self._collate, sampler=sampler, drop_last=True)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._val_loader(val) for val in self._val_parts]  # val_windows per source
-
-    # ------------------------------------------------------------------ resume
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "mixture": dict(zip(self.names, self.weights)),
-                "source_windows": self.source_windows}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state.get("mixture")
-        if saved is None:
-            raise ValueError("this checkpoint was trained on a single source, not a mixture; resume with its data "
-                             "settings or start a new run (resume=never).")
-        current = dict(zip(self.names, self.weights))
-        if set(saved) != set(current) or any(abs(saved[n] - current[n]) > 1e-12 for n in current):
-            raise ValueError(f"this checkpoint was trained with data.mixture={saved}, not {current}; resume with the "
-                             "same mixture or start a new run (resume=never).")
-        super().load_state_dict(state)  # the global position: the same stream on any world size
-
-
-class MixtureTokensLogger(L.Callback):
-    """Logs ``train/tokens_seen/<source>`` (all ranks' input tokens drawn from each source) on the steps the
-    loggers write: windows per source (host counters of the schedule) x input tokens per window."""
-
-    def __init__(self) -> None:
-        self.tokens_per_window: int | None = None
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        dm = trainer.datamodule
-        if not isinstance(dm, MixtureDataModule):
-            return
-        if self.tokens_per_window is None:
-            self.tokens_per_window = pl_module.batch_tokens(batch) // dm.micro_batch_size
-        connector = getattr(trainer, "_logger_connector", None)
-        if connector is not None and not connector.should_update_logs:  # the step's metrics are not written
-            return
-        for name, windows in dm.source_windows.items():
-            pl_module.log(f"train/tokens_seen/{name}", float(windows * self.tokens_per_window), on_step=True,
-                          on_epoch=False)
-
-
-def mixture_metrics(results: list[dict], dm: MixtureDataModule, trainer: L.Trainer) -> dict:
-    """Per-source entries of final_metrics.json from ``trainer.validate``'s results (one dict per val
-    dataloader; Lightning suffixes a dataloader's metrics with ``/dataloader_idx_<i>``) and the schedule."""
-    out: dict = {}
-    for i, name in enumerate(dm.names):
-        row = results[i] if i < len(results) else {}
-        out[f"val_loss_nats/{name}"] = float(row.get(f"val/{name}/loss/dataloader_idx_{i}",
-                                                     row.get(f"val/{name}/loss", float("nan"))))
-    logger = next((c for c in trainer.callbacks if isinstance(c, MixtureTokensLogger)), None)
-    if logger is not None and logger.tokens_per_window:
-        out.update({f"tokens_seen/{n}": w * logger.tokens_per_window for n, w in dm.source_windows.items()})
-    out.update({f"epochs/{n}": round(e, 4) for n, e in dm.source_epochs.items()})
-    return out
+    return PreparedSources(names, [weights[n] for n in names], parts, parts[names[0]].tokenizer_path, meta)

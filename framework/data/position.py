@@ -6,7 +6,9 @@ A DataModule's checkpoint state (``PretrainDataModule.state_dict``; a mixture ad
 - ``world_size``, ``micro_batch_size``: how many ranks wrote it and each rank's micro-batch (informational:
   the position alone decides what comes next, on any world size);
 - ``order``: ``DATA_ORDER``, the definition of the global order (framework/data/permutation.py);
-- ``seed``, ``window_length``, ``tokenizer_hash``: what the order and the windows depend on.
+- ``seed``, ``window_length``, ``tokenizer_hash``: what the order and the windows depend on;
+- ``seq_len``: the model sequence length the windows were cut for (``checkpoint_seq_len``: model card, recipes);
+- ``mixture`` (the weights; None for a single source) and ``source_windows`` (windows drawn from each source).
 
 Checkpoints written before the global position (``samples_consumed`` per rank) are converted when the number of
 ranks that wrote them is known (the length of their per-rank RNG list, ``ResumeStateCallback.RNG_KEY``) and
@@ -58,6 +60,27 @@ def loading_checkpoint_world_size(datamodule) -> int | None:
     loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
     states = loaded.get(RNG_KEY) if isinstance(loaded, dict) else None
     return len(states) if states else None
+
+
+LEGACY_STATE_KEYS = ("MixtureDataModule",)  # where a mixture's data state was kept before one DataModule served all
+
+
+def upgrade_data_state(checkpoint: dict) -> None:
+    """Move a checkpoint's data state written under a former DataModule class name to ``PretrainDataModule``, the
+    key Lightning restores the DataModule from; called while the checkpoint loads, before the DataModule restores
+    (``PretrainModule.on_load_checkpoint``: Lightning calls the module's hook first)."""
+    for key in LEGACY_STATE_KEYS:
+        if key in checkpoint:
+            checkpoint.setdefault("PretrainDataModule", checkpoint.pop(key))
+
+
+def checkpoint_seq_len(ckpt: dict) -> int | None:
+    """The sequence length a checkpoint was trained at: its DataModule's state (``PretrainDataModule.state_dict``),
+    or, for checkpoints written before the data side kept it, the module's hyper_parameters."""
+    for state in ckpt.values():
+        if isinstance(state, dict) and state.get("seq_len") is not None and "global_samples_consumed" in state:
+            return int(state["seq_len"])
+    return (ckpt.get("hyper_parameters") or {}).get("seq_len")
 
 
 def sharded_world_size(path: str | Path) -> int | None:

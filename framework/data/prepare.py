@@ -45,7 +45,7 @@ FORMAT_VERSION = 2  # 2: shards in per-task directories with a document index (1
 
 
 class PreparedView:
-    """What training reads of prepared data (one source's ``PreparedData`` or a ``PreparedMixture``): the
+    """What training reads of prepared data (one source's ``PreparedData`` or the run's ``PreparedSources``): the
     vocabulary size and token dtype from ``meta``, and the tokenizer at ``tokenizer_path``."""
 
     meta: dict

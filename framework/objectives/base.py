@@ -1,8 +1,9 @@
 """What all three objectives share: the optimizer and LR schedule, token accounting and logging.
 
-A subclass says which model family it trains (``family``), how long a raw window of tokens must be
-for a given model sequence length (``window_length``), how raw windows become a batch (``collate``)
-and how a batch becomes a loss (``compute_loss``). Everything else lives here once.
+A subclass says which model family it trains (``family``) and how a batch becomes a loss (``compute_loss``).
+Everything else lives here once. The module does not know the data: how long a raw window is and how windows
+become a batch is the data side's (``framework.data.objective_batches``), and so is the data position
+(``PretrainDataModule`` counts what it hands out and saves it in its own checkpoint state).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import lightning as L
 import torch
 
 from framework.callbacks.throughput import logs_this_step
+from framework.data.position import upgrade_data_state
 from framework.data.tokenizer import SpecialIds
 from framework.models import ModelConfig, build_model
 from framework.objectives.config import ObjectiveConfig, OptimConfig
@@ -27,17 +29,19 @@ class PretrainModule(L.LightningModule):
     objective_name: ClassVar[str] = ""
 
     def __init__(self, model_config: dict, optim: dict, objective: dict, special_ids: dict, max_steps: int,
-                 seq_len: int, tokenizer_path: str = "") -> None:
+                 **legacy) -> None:
+        """``legacy``: keys of older checkpoints' hyper_parameters (``seq_len``, ``tokenizer_path``), ignored."""
         super().__init__()
+        unknown = set(legacy) - LEGACY_HPARAMS
+        if unknown:
+            raise TypeError(f"PretrainModule got unexpected arguments {sorted(unknown)}.")
         # plain dicts, so the checkpoint's hyper_parameters rebuild the module (export, generate, resume)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=sorted(LEGACY_HPARAMS))
         self.model_config = ModelConfig(**model_config)
         self.optim_config = OptimConfig(**optim)
         self.objective_config = ObjectiveConfig(**objective)
         self.special_ids = SpecialIds(**{k: tuple(v) if k == "sentinels" else v for k, v in special_ids.items()})
         self.max_steps = max_steps
-        self.seq_len = seq_len
-        self.tokenizer_path = tokenizer_path  # the run's tokenizer.json (whole-word masking, export)
         if self.model_config.family != self.family:
             raise ValueError(
                 f"objective={self.objective_name} trains {self.family!r} models, but the model preset "
@@ -49,20 +53,16 @@ class PretrainModule(L.LightningModule):
         # set by framework.train: applies the strategy's parallelism (FSDP2, activation checkpointing,
         # compile) to self.model in configure_model; None = train the model as built
         self.parallelizer = None
+        # set by framework.train when DeepSpeed's ZeRO wraps the optimizer: AdamW then runs its foreach kernel, not
+        # the fused one (framework.objectives.optimizers.adamw_kernel), and Muon is refused
+        self.optimizer_under_deepspeed = False
+        # set by framework.train: the validation sources (name, weight), one val dataloader each, in order; empty
+        # = one val dataloader, val/loss only
+        self.val_sources: tuple[tuple[str, float], ...] = ()
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
 
     # ------------------------------------------------------------------ subclass interface
-    @classmethod
-    def window_length(cls, seq_len: int, objective: ObjectiveConfig) -> int:
-        raise NotImplementedError
-
-    def collator(self, document_mask: bool = False):
-        """A picklable callable turning (B, window_length) windows into the batch ``compute_loss`` takes,
-        or None when the windows are the batch. It runs in DataLoader workers, so it must not hold the model.
-        ``document_mask``: the batch also carries ``document_ids`` (packed documents attend only to themselves)."""
-        return None
-
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over the positions that count, and the number of those positions."""
         raise NotImplementedError
@@ -76,9 +76,6 @@ class PretrainModule(L.LightningModule):
         loss, _ = self.compute_loss(batch)
         self.last_loss = loss.detach()  # read by the spike guard before the optimizer step
         self.tokens_seen += self.batch_tokens(batch) * self.trainer.world_size
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "on_micro_batch_consumed"):
-            dm.on_micro_batch_consumed()
         # No host-device synchronisation per step. The loss is logged as a device tensor (the loggers read it
         # every log_every_n_steps only). A Python number passed to self.log becomes a tensor on the module's
         # device (a blocking copy on CUDA), and a progress-bar entry, once logged, is read with .item() after
@@ -90,21 +87,15 @@ class PretrainModule(L.LightningModule):
         if self.trainer.progress_bar_callback is not None:
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.log("train/tokens_seen", torch.tensor(float(self.tokens_seen)), on_step=True, on_epoch=False)
-        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        opt = self.optimizers(use_pl_optimizer=False)
         if isinstance(opt, list):  # DeepSpeed's ZeRO optimizers are not torch Optimizers: Lightning returns a list
             opt = opt[0] if opt else None
         if opt is not None:
             self.log("train/lr", torch.tensor(float(opt.param_groups[0]["lr"])), on_step=True, on_epoch=False)
         return loss
 
-    def _val_sources(self) -> tuple[list[str] | None, list[float] | None]:
-        """A mixture's validation sources (one val dataloader each) and their weights; (None, None) otherwise."""
-        dm = getattr(self.trainer, "datamodule", None)
-        return getattr(dm, "val_names", None), getattr(dm, "val_weights", None)
-
     def on_validation_epoch_start(self) -> None:
-        names, _ = self._val_sources()
-        shape = (len(names) if names else 1,)  # loss sums and counts per val dataloader
+        shape = (len(self.val_sources) or 1,)  # loss sums and counts per val dataloader
         self._val_sum = torch.zeros(shape, device=self.device, dtype=torch.float64)
         self._val_count = torch.zeros(shape, device=self.device, dtype=torch.float64)
 
@@ -116,8 +107,8 @@ class PretrainModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        names, weights = self._val_sources()
-        if names:  # a mixture: val/<source>/loss, and val/loss = sum_i w_i loss_i (the training mixture's loss)
+        if self.val_sources:  # val/<source>/loss, and val/loss = sum_i w_i loss_i (the training mixture's loss)
+            names, weights = zip(*self.val_sources)
             per_source = total / count.clamp_min(1)  # (sources,) token-weighted means over all ranks, in nats
             for name, loss in zip(names, per_source):
                 self.log(f"val/{name}/loss", loss.float(), sync_dist=True)
@@ -138,9 +129,8 @@ class PretrainModule(L.LightningModule):
         """The optimizer ``optim.name`` names (``framework.objectives.optimizers``) and one LR schedule that
         scales every param group's own peak LR (AdamW's and, with optim=muon, Muon's) by ``lr_lambda``."""
         o = self.optim_config
-        strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
         device_types = {p.device.type for p in self.model.parameters() if p.requires_grad}
-        optimizer = build_optimizer(self.model, o, device_types, deepspeed="DeepSpeed" in strategy)
+        optimizer = build_optimizer(self.model, o, device_types, deepspeed=self.optimizer_under_deepspeed)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, o.warmup_steps, self.max_steps, o.min_lr_ratio, o.schedule,
                                               o.decay_fraction, o.decay_shape))
@@ -152,10 +142,14 @@ class PretrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        upgrade_data_state(checkpoint)  # an older mixture run's data position, under the name it is restored from
+
+
+LEGACY_HPARAMS = {"seq_len", "tokenizer_path"}  # saved by older checkpoints; the data side owns them now
 
 
 def module_kwargs(model_config: ModelConfig, optim: OptimConfig, objective: ObjectiveConfig, special_ids: SpecialIds,
-                  max_steps: int, seq_len: int, tokenizer_path: str = "") -> dict:
+                  max_steps: int) -> dict:
     return dict(model_config=dataclasses.asdict(model_config), optim=dataclasses.asdict(optim),
                 objective=dataclasses.asdict(objective), special_ids=dataclasses.asdict(special_ids),
-                max_steps=max_steps, seq_len=seq_len, tokenizer_path=str(tokenizer_path))
+                max_steps=max_steps)

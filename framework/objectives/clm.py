@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from framework.data.collators import CLMDocumentCollator
 from framework.objectives.base import PretrainModule
-from framework.objectives.config import ObjectiveConfig
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -19,16 +17,9 @@ class CausalLM(PretrainModule):
     family = "decoder"
     objective_name = "clm"
 
-    @classmethod
-    def window_length(cls, seq_len: int, objective: ObjectiveConfig) -> int:
-        return seq_len + 1  # inputs are tokens [0, T), targets are tokens [1, T]
-
-    def collator(self, document_mask: bool = False):
-        """The windows are the batch; with document masking, ``CLMDocumentCollator`` adds their documents."""
-        return CLMDocumentCollator(self.special_ids.eos) if document_mask else None
-
     def compute_loss(self, batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch``: (B, T + 1) windows, or {"tokens", "document_ids"} with document masking."""
+        """``batch``: (B, T + 1) windows, or {"tokens", "document_ids"} with document masking
+        (``framework.data.objective_batches``)."""
         windows, documents = (batch["tokens"], batch["document_ids"]) if isinstance(batch, dict) else (batch, None)
         inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
         logits = self.model(inputs, document_ids=documents)  # (B, T, V)

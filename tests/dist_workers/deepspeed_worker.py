@@ -43,7 +43,7 @@ def make_module() -> CausalLM:
     torch.manual_seed(0)
     ids = SpecialIds(pad=0, bos=1, eos=2, unk=3, mask=4, sentinels=tuple(range(5, 105)))
     cfg = ModelConfig.from_name("tiny", vocab_size=VOCAB)
-    module = CausalLM(**module_kwargs(cfg, OPTIM, ObjectiveConfig(), ids, STEPS, SEQ_LEN))
+    module = CausalLM(**module_kwargs(cfg, OPTIM, ObjectiveConfig(), ids, STEPS))
     module.forward = lambda batch: module.compute_loss(batch)[0]  # engines and DDP call module(batch)
     return module
 
