@@ -121,19 +121,24 @@ def _find_sbatch(command: str) -> str:
     return found
 
 
-def _write_job_files(run_dir: Path, files: dict[str, str]) -> dict[str, bytes | None]:
-    """Write ``files`` into ``run_dir`` under its run lock (refused while a run holds it); returns what each
-    file held before (None: it did not exist), so a refused submission can put the directory back."""
+def _write_job_files(run_dir: Path, files: dict[str, str]) -> None:
+    """Write ``files`` into ``run_dir`` under its run lock (``RunDirectoryBusy`` while a run holds it)."""
     with run_directory_lock(run_dir):
-        previous = {name: (run_dir / name).read_bytes() if (run_dir / name).exists() else None for name in files}
         for name, text in files.items():
             (run_dir / name).write_text(text)
-    return previous
 
 
-def _restore(run_dir: Path, previous: dict[str, bytes | None], created: bool) -> None:
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (what a submission would create)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _restore(run_dir: Path, previous: dict[str, bytes | None], created: Path | None) -> None:
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
         return
     for name, content in previous.items():
         if content is None:
@@ -158,9 +163,14 @@ def submit(overrides: list[str], dry_run: bool = False, workdir: Path | None = N
     if dry_run:
         return Submission(script=script, run_dir=run_dir)
     sbatch = _find_sbatch(cfg.cluster.sbatch)
-    created = not run_dir.exists()
-    previous = _write_job_files(run_dir, {"job.sbatch": script,
-                                          "config.yaml": OmegaConf.to_yaml(composed, resolve=True)})
+    created = _first_missing(run_dir)
+    files = {"job.sbatch": script, "config.yaml": OmegaConf.to_yaml(composed, resolve=True)}
+    previous = {name: (run_dir / name).read_bytes() if (run_dir / name).exists() else None for name in files}
+    try:
+        _write_job_files(run_dir, files)
+    except OSError:  # a full disk, no permission: put back what was there
+        _restore(run_dir, previous, created)
+        raise
     # the lock is released before sbatch: the job's first task takes it as it starts, possibly at once
     result = subprocess.run([sbatch, "--parsable", str(run_dir / "job.sbatch")], cwd=workdir,
                             capture_output=True, text=True)
