@@ -8,12 +8,17 @@ The overrides are composed with conf/train.yaml exactly as ``fw-train`` would co
 is added when no cluster is named), validated, and passed unchanged to ``python -m framework.train`` inside
 the script, so every task composes the same config. ``runs/<name>/`` gets ``job.sbatch`` and ``config.yaml``;
 the run directory has no timestamp, so a requeued job finds its checkpoints there and resumes.
+
+Nothing is written before ``sbatch`` is found on PATH; the two files are written under the run directory's
+lock (framework/distributed/run_lock.py), so a submission never rewrites the script of a run still going; a
+submission that sbatch refuses leaves the directory as it found it. Every user error is one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework.cluster.config import ClusterConfig
 from framework.config import TrainConfig, compose_config, to_run_config
+from framework.distributed.run_lock import run_directory_lock
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -95,6 +101,45 @@ def render(cfg: TrainConfig, overrides: list[str], run_dir: Path, workdir: Path)
     return Template((TEMPLATE_DIR / template).read_text()).substitute(values)
 
 
+class SubmitError(ValueError):
+    """A submission that cannot go ahead (no sbatch, sbatch refused the script); the message is one sentence."""
+
+
+def _find_sbatch(command: str) -> str:
+    found = shutil.which(command)
+    if found is None:
+        raise SubmitError(f"cluster.sbatch={command!r} is not an executable on PATH, so nothing was submitted or "
+                          "written; run fw-submit on a SLURM login node, set cluster.sbatch to the path of sbatch, "
+                          "or use --dry-run to print the script.")
+    return found
+
+
+def _write_job_files(run_dir: Path, files: dict[str, str]) -> None:
+    """Write ``files`` into ``run_dir`` under its run lock (``RunDirectoryBusy`` while a run holds it)."""
+    with run_directory_lock(run_dir):
+        for name, text in files.items():
+            (run_dir / name).write_text(text)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (what a submission would create)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _restore(run_dir: Path, previous: dict[str, bytes | None], created: Path | None) -> None:
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for name, content in previous.items():
+        if content is None:
+            (run_dir / name).unlink(missing_ok=True)
+        else:
+            (run_dir / name).write_bytes(content)
+
+
 def submit(overrides: list[str], dry_run: bool = False, workdir: Path | None = None) -> Submission:
     """Compose, validate, render; unless ``dry_run``, write runs/<name>/{job.sbatch,config.yaml} and sbatch it."""
     workdir = Path(workdir or Path.cwd()).resolve()
@@ -110,18 +155,34 @@ def submit(overrides: list[str], dry_run: bool = False, workdir: Path | None = N
     script = render(cfg, overrides, run_dir, workdir)
     if dry_run:
         return Submission(script=script, run_dir=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.sbatch").write_text(script)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
-    result = subprocess.run([cfg.cluster.sbatch, "--parsable", str(run_dir / "job.sbatch")], cwd=workdir,
+    sbatch = _find_sbatch(cfg.cluster.sbatch)
+    created = _first_missing(run_dir)
+    files = {"job.sbatch": script, "config.yaml": OmegaConf.to_yaml(composed, resolve=True)}
+    previous = {name: (run_dir / name).read_bytes() if (run_dir / name).exists() else None for name in files}
+    try:
+        _write_job_files(run_dir, files)
+    except OSError:  # a full disk, no permission: put back what was there
+        _restore(run_dir, previous, created)
+        raise
+    # the lock is released before sbatch: the job's first task takes it as it starts, possibly at once
+    result = subprocess.run([sbatch, "--parsable", str(run_dir / "job.sbatch")], cwd=workdir,
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"sbatch refused {run_dir / 'job.sbatch'}: {result.stderr.strip()}")
+        _restore(run_dir, previous, created)
+        reason = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        raise SubmitError(f"sbatch refused the job of {run_dir} ({reason}); nothing was submitted: fix the cluster.* "
+                          "setting it names and submit again.")
     job_id = result.stdout.strip().split(";")[0]  # --parsable prints "<id>[;<cluster>]"
     return Submission(script=script, run_dir=run_dir, job_id=job_id)
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Console entry: a user error (a bad override, no sbatch, a run directory in use, sbatch refusing the
+    script) is one line on stderr and exit status 2, with nothing written."""
     parser = argparse.ArgumentParser(prog="fw-submit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fw-train")
@@ -131,8 +192,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         sub = submit(args.overrides, dry_run=args.dry_run)
-    except (ValueError, RuntimeError, FileNotFoundError, HydraException, OmegaConfBaseException) as err:
-        sys.exit(f"fw-submit: {err}")
+    except (ValueError, OSError, HydraException, OmegaConfBaseException) as err:
+        print(f"fw-submit: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
     if args.dry_run:
         print(sub.script)
     else:

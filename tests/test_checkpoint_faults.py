@@ -123,17 +123,11 @@ def test_a_checkpoint_with_flipped_tensor_bytes_is_skipped_and_the_resume_is_exa
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """mount(size) -> a tmpfs of ``size`` bytes at tmp_path/run/checkpoints; unmounted at the end."""
-    mounted = []
+    mounted: list[Path] = []
 
     def mount(size: int) -> Path:
-        target = tmp_path / "run" / "checkpoints"
-        target.mkdir(parents=True)
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
-        mounted.append(target)
-        return target
+        _mount_tmpfs(tmp_path / "run" / "checkpoints", size, mounted)
+        return mounted[-1]
 
     yield mount
     for target in mounted:
@@ -170,3 +164,104 @@ def test_a_disk_full_during_a_checkpoint_write_stops_in_one_sentence_and_resumes
     metrics = run(to_run_config(compose(OVERRIDES)), run_dir)  # resume=auto from step 4
     assert metrics["step"] == 12
     _assert_same_losses(run_dir, alone[1])
+
+
+def _fill(directory: Path) -> Path:
+    """Write a filler file into ``directory`` until its file system has no page left; returns the filler."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (1 << 16, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError as err:
+                assert err.errno == 28, err  # ENOSPC
+    return filler
+
+
+def _mount_tmpfs(target: Path, size: int, mounted: list[Path]) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    mounted.append(target)
+
+
+@pytest.fixture
+def csv_tmpfs(tmp_path):
+    """A 3-page tmpfs at tmp_path/run/csv (where the CSV logger writes); unmounted at the end."""
+    mounted: list[Path] = []
+    _mount_tmpfs(tmp_path / "run" / "csv", 3 * 4096, mounted)
+    yield mounted[0]
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_a_full_disk_while_appending_metrics_cuts_the_file_back_and_says_so_in_one_sentence(csv_tmpfs):
+    from framework.tracking.metrics_log import MetricsWriteError, ResumableCSVLogger
+
+    logger = ResumableCSVLogger(save_dir=str(csv_tmpfs.parent), name="csv", version="")
+    metrics_csv = csv_tmpfs / "metrics.csv"
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.save_durably()
+    filler = _fill(csv_tmpfs)  # metrics.csv may grow within its one page, no further
+    step, before = 1, metrics_csv.read_bytes()
+    with pytest.raises(MetricsWriteError) as failed:
+        for step in range(1, 5000):  # ~30 bytes a row: a new 4 KiB page is needed before step 150
+            before = metrics_csv.read_bytes()
+            logger.log_metrics({"train/loss": 1.0 + step / 1000}, step=step)
+            logger.save_durably()
+    message = str(failed.value)
+    assert message.startswith(f"could not write the metrics log {metrics_csv} (No space left on device): ")
+    assert "\n" not in message and message.endswith("run the same command to resume.")
+    assert 1 < step < 4999 and len(before) > 3000
+    assert metrics_csv.read_bytes() == before  # the partial row is gone: the file ends at a complete row
+    assert sorted(p.name for p in csv_tmpfs.iterdir()) == ["filler", "metrics.csv"]
+
+    logger.log_metrics({"train/loss": 5.0, "val/loss": 4.0}, step=step + 1)  # a new key: the header is rewritten
+    with pytest.raises(MetricsWriteError):
+        logger.save_durably()
+    assert metrics_csv.read_bytes() == before and not (csv_tmpfs / "metrics.csv.tmp").exists()
+    logger.finalize("failed")  # Lightning's teardown while the error is on its way out: no second error
+
+    filler.unlink()  # space again: the rows the disk refused are written, each once
+    logger.save_durably()
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(step + 2)) and rows[-1]["val/loss"] == "4.0"
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_metrics_log_stops_in_one_sentence_and_the_rerun_logs_every_step_once(
+        alone, compose, data_cache, csv_tmpfs, tmp_path):
+    run_dir = csv_tmpfs.parent
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    script = PAUSED_RUN.format(paused=paused, go=go).replace("global_step == 2", "global_step == 10")
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", script, *_cli(data_cache, run_dir)], cwd=tmp_path, env=_env(),
+                            stdout=log, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not paused.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert paused.exists(), (tmp_path / "run.log").read_text()[-2000:]
+        _fill(csv_tmpfs)  # the rows of steps 8-11 still fit in metrics.csv's page; the final evaluation's new
+    finally:               # val/loss column rewrites the file through a temporary one, which needs a page more
+        go.write_text("")
+        _, stderr = proc.communicate(timeout=300)
+        log.close()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    metrics_csv = csv_tmpfs / "metrics.csv"
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"error: could not write the metrics log {metrics_csv} (No space left on device): "), stderr[-2000:]
+    assert not (csv_tmpfs / "metrics.csv.tmp").exists() and not (run_dir / "final_metrics.json").exists()
+    _assert_same_losses(run_dir, alone[1])  # every training row was written before the disk filled
+
+    (csv_tmpfs / "filler").unlink()  # the user frees space and runs the same command
+    metrics = run(to_run_config(compose(OVERRIDES)), run_dir)  # resume=auto from step 12: the final evaluation
+    assert metrics["step"] == 12
+    _assert_same_losses(run_dir, alone[1])
+    with open(metrics_csv) as f:
+        assert sum(1 for r in csv.DictReader(f) if r.get("val/loss")) == 1

@@ -1,6 +1,16 @@
 """Strategy config -> a Lightning strategy. Parallelism is applied from outside the model code.
 
 - ``ddp``: ``DDPStrategy`` (gradients all-reduced; every rank holds the whole model and optimizer).
+  Exact resume with 3 or more ranks needs ``strategy.find_unused_parameters=true``. By default torch's DDP
+  (2.13, ``Reducer::rebuild_buckets``) reduces a process's first step in one bucket in parameter order and
+  then rebuilds its buckets in the order the gradients became ready; the bucket layout fixes which chunk of
+  the ring all-reduce (gloo's, NCCL's) each gradient element falls in, so a resumed process sums the first
+  step after the resume in another rank order than the uninterrupted run did: the weights differ by float32
+  rounding (1e-8 after one resume on 4 ranks; 2 ranks sum in either order alike). With
+  ``find_unused_parameters=true`` DDP never rebuilds its buckets, and a resume on any number of ranks is bit
+  for bit (tests/test_slurm_multinode.py). It costs a traversal of the autograd graph and an all-reduce of
+  a one-flag-per-parameter map every step (torch's DDP documentation); ``static_graph`` and the bucket size
+  options still rebuild and do not help.
 - ``fsdp``: ``ModelParallelStrategy`` (Lightning's FSDP2 entry point). The sharding itself is applied in
   ``PretrainModule.configure_model`` by ``framework.distributed.parallelize`` (``fully_shard`` per block).
   Checkpoints are torch.distributed.checkpoint directories (one shard per rank) unless

@@ -12,6 +12,9 @@ row again. So:
   killed run logged them after its last checkpoint, and they are logged again.
 - a new metric key rewrites the file with the wider header through a temporary file and a rename (Lightning
   truncates the file and writes it again, so a kill in between would lose every row).
+- a write that fails (a full disk, a quota: any OSError) cuts the file back to its last complete row, removes
+  its temporary file and raises ``MetricsWriteError``, which ``fw-train`` prints as one sentence (exit status
+  1) like a failed checkpoint write; the rows on disk and the checkpoints stay intact, so a resume is exact.
 
 CSV steps count optimizer steps from 0: the row of the step that a checkpoint at ``global_step`` s ends is
 step s - 1, and a run resumed from it logs steps s, s + 1, ...
@@ -23,6 +26,7 @@ import csv
 import io
 import math
 import os
+import shutil
 from typing import Any
 
 import lightning as L
@@ -31,6 +35,24 @@ from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from framework.distributed.checkpoints import CheckpointWriteError, _size
+
+
+class MetricsWriteError(CheckpointWriteError):
+    """``metrics.csv`` could not be written (a full disk, a quota); one sentence. A subclass of
+    ``CheckpointWriteError`` so that every entry point that stops cleanly on a failed checkpoint write stops the
+    same way on a failed log write."""
+
+    @classmethod
+    def describe(cls, path: str, err: BaseException) -> "MetricsWriteError":  # type: ignore[override]
+        try:
+            free = _size(shutil.disk_usage(os.path.dirname(path)).free)
+        except OSError:
+            free = "an unknown amount"
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        return cls(f"could not write the metrics log {path} ({reason}): {free} is free there; its earlier rows and "
+                   f"the checkpoints are intact, so free some space and run the same command to resume.")
 
 
 def _fsync(path: str) -> None:
@@ -54,10 +76,30 @@ class _AppendingCSVWriter(ExperimentWriter):
         pass
 
     def save(self, durable: bool = False) -> None:
-        """Append the buffered rows; ``durable``: also fsync, so they survive a power loss, not only a kill."""
-        super().save()
-        if durable and os.path.isfile(self.metrics_file_path):
-            _fsync(self.metrics_file_path)
+        """Append the buffered rows; ``durable``: also fsync, so they survive a power loss, not only a kill.
+        On a failed write the file is cut back to what it held and the rows stay buffered."""
+        path, keys = self.metrics_file_path, list(self.metrics_keys)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        try:
+            super().save()
+            if durable and os.path.isfile(path):
+                _fsync(path)
+        except (OSError, MetricsWriteError) as err:
+            self.metrics_keys = keys  # the header on disk (a wider one may not have been written)
+            self._cut_back(size)
+            if isinstance(err, MetricsWriteError):
+                raise
+            raise MetricsWriteError.describe(path, err) from err
+
+    def _cut_back(self, size: int | None) -> None:
+        """Drop what a failed append left: truncating to the old size (None: no file) needs no free space."""
+        try:
+            if size is None:
+                os.remove(self.metrics_file_path)
+            else:
+                os.truncate(self.metrics_file_path, size)
+        except OSError:
+            pass
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:
@@ -80,13 +122,18 @@ class _AppendingCSVWriter(ExperimentWriter):
 
     def _replace(self, fieldnames: list[str], rows: list[dict]) -> None:
         tmp = self.metrics_file_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.metrics_file_path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.metrics_file_path)
+        except OSError as err:  # the old file is untouched
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise MetricsWriteError.describe(self.metrics_file_path, err) from err
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -123,6 +170,25 @@ class ResumableCSVLogger(CSVLogger):
         super().log_metrics(metrics, step)
         self.save_durably()
         self._early_row = (step, dict(metrics))
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Lightning's save: the buffered rows (``_AppendingCSVWriter.save``), then ``hparams.yaml`` again."""
+        try:
+            super().save()
+        except OSError as err:  # hparams.yaml
+            raise MetricsWriteError.describe(getattr(err, "filename", None) or self.log_dir, err) from err
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Lightning finalizes loggers with "failed" while an exception (perhaps this log's own full disk) is on
+        its way out: a second failed write then must not replace it, nor stop Lightning's teardown. The rows it
+        could not write are those after the last checkpoint, which a resume logs again."""
+        try:
+            super().finalize(status)
+        except MetricsWriteError:
+            if status != "failed":
+                raise
 
     @rank_zero_only
     def save_durably(self) -> None:
