@@ -58,7 +58,7 @@ from framework.data.datamodule import PretrainDataModule  # noqa: E402
 from framework.data.objective_batches import window_length  # noqa: E402
 from framework.data.prepare import PreparedData  # noqa: E402
 from framework.data.tokenizer import SpecialIds  # noqa: E402
-from framework.distributed.checkpoints import ResumeStateCallback  # noqa: E402
+from framework.checkpointing.checkpoints import ResumeStateCallback  # noqa: E402
 from framework.distributed.config import StrategyConfig  # noqa: E402
 from framework.distributed.parallelize import Parallelizer  # noqa: E402
 from framework.models import ModelConfig  # noqa: E402

@@ -26,7 +26,7 @@ from torch import nn
 from framework.data.datamodule import PretrainDataModule
 from framework.data.prepare import PreparedData
 from framework.data.tokenizer import SPECIAL_TOKENS, special_ids, tokenizer_hash
-from framework.distributed.checkpoints import read_training_checkpoint
+from framework.checkpointing.checkpoints import read_training_checkpoint
 from framework.models import ModelConfig, build_model
 from framework.objectives import objective_class
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from framework.distributed.checkpoints import LIGHTNING_META, checkpoint_step, safe_load
-from framework.distributed.resume import checkpoint_problem
+from framework.checkpointing.checkpoints import LIGHTNING_META, checkpoint_step, safe_load
+from framework.checkpointing.resume import checkpoint_problem
 from framework.objectives.config import OptimConfig, decay_start
 
 

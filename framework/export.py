@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from framework.callbacks.model_card import card_info_from_checkpoint, write_model_card
+from framework.tracking.model_card import card_info_from_checkpoint, write_model_card
 from framework.cli_errors import reading_checkpoint, user_errors
 from framework.data.tokenizer import SpecialIds, load_tokenizer
-from framework.distributed.checkpoints import read_training_checkpoint
+from framework.checkpointing.checkpoints import read_training_checkpoint
 from framework.models.config import ModelConfig
 from framework.models.registry import family
 

@@ -156,7 +156,7 @@ def fill_mask(model: nn.Module, input_ids: torch.Tensor, mask_id: int, *, temper
 def load_checkpoint(path: str | Path):
     """(model in eval mode on the CPU, hyper_parameters dict) from a single-file checkpoint of ``framework.train``."""
     from framework.cli_errors import reading_checkpoint
-    from framework.distributed.checkpoints import read_training_checkpoint
+    from framework.checkpointing.checkpoints import read_training_checkpoint
     from framework.models import ModelConfig, build_model
 
     with reading_checkpoint(path):

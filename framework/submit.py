@@ -10,7 +10,7 @@ the script, so every task composes the same config. ``runs/<name>/`` gets ``job.
 the run directory has no timestamp, so a requeued job finds its checkpoints there and resumes.
 
 Nothing is written before ``sbatch`` is found on PATH; the two files are written under the run directory's
-lock (framework/distributed/run_lock.py), so a submission never rewrites the script of a run still going; a
+lock (framework/checkpointing/run_lock.py), so a submission never rewrites the script of a run still going; a
 submission that sbatch refuses leaves the directory as it found it. Every user error is one line and exit 2.
 """
 
@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework.cluster.config import ClusterConfig
 from framework.config import TrainConfig, compose_config, to_run_config
-from framework.distributed.run_lock import run_directory_lock
+from framework.checkpointing.run_lock import run_directory_lock
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"

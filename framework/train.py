@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.adapt import load_init_weights
 from framework.branch import resolve_branch
-from framework.callbacks.model_card import run_card_info, write_model_card
+from framework.tracking.model_card import run_card_info, write_model_card
 from framework.callbacks.preemption import PreemptionCallback
 from framework.callbacks.rollback import apply_rollback, load_skips, rollback_target
 from framework.callbacks.spike_guard import SpikeGuard
@@ -37,11 +37,11 @@ from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import prepare_sources
 from framework.data.position import check_resume_world_size
 from framework.data.source_metrics import SourceTokensLogger, source_metrics
-from framework.distributed.checkpoints import (CheckpointWriteError, ResumeStateCallback, checkpoint_plugins,
+from framework.checkpointing.checkpoints import (CheckpointWriteError, ResumeStateCallback, checkpoint_plugins,
                                                checkpoint_wandb_id, resolve_resume)
-from framework.distributed.sharded_checksums import ShardedChecksums
+from framework.checkpointing.sharded_checksums import ShardedChecksums
 from framework.distributed.parallelize import Parallelizer
-from framework.distributed.run_lock import RunDirectoryBusy, run_directory_lock
+from framework.checkpointing.run_lock import RunDirectoryBusy, run_directory_lock
 from framework.distributed.strategies import build_strategy
 from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
@@ -122,7 +122,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
 
 @contextmanager
 def _run_lock(run_dir: Path):
-    """One job per run directory (framework.distributed.run_lock): global rank 0 holds it, its ranks share it."""
+    """One job per run directory (framework.checkpointing.run_lock): global rank 0 holds it, its ranks share it."""
     try:
         with run_directory_lock(run_dir, take=_is_global_zero()):
             yield
@@ -212,7 +212,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
     if trainer.is_global_zero:
         (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         _print_summary(metrics, run_dir)
-        if cfg.callbacks.model_card:
+        if cfg.tracking.model_card:
             write_model_card(run_dir, run_card_info(cfg.name, module, trainer, cfg.data, prepared.meta, metrics))
     finish_wandb(trainer)
     return metrics

@@ -38,7 +38,7 @@ import torch
 
 from framework.adapt import adapt_checkpoint, evaluate_split, module_from_checkpoint
 from framework.data.position import checkpoint_seq_len
-from framework.distributed.checkpoints import read_training_checkpoint
+from framework.checkpointing.checkpoints import read_training_checkpoint
 from framework.data import tokenizer as tk
 from framework.data.config import DataConfig
 from framework.data.prepare import prepare_data
@@ -133,7 +133,7 @@ def train_overrides(args: argparse.Namespace, hp: dict, init: Path, tokenizer_pa
              f"data.tokenizer_path={tokenizer_path}", f"init_from={init}", f"trainer.max_steps={args.steps}",
              f"trainer.val_check_interval={max(1, args.steps // 4)}", f"optim.lr={args.lr}",
              f"optim.warmup_steps={max(1, args.steps // 10)}", f"seed={args.seed}", "resume=never",
-             f"name={run_dir.parent.name}-train", f"run_dir={run_dir}", "callbacks.model_card=false"]
+             f"name={run_dir.parent.name}-train", f"run_dir={run_dir}", "tracking.model_card=false"]
     over += mixture_overrides(args, data) if has_mixtures() else domain_only_overrides(data)
     if args.curation:
         over.append("data.curation.enabled=true")

@@ -1,5 +1,5 @@
 """Checksums, damaged and crafted checkpoints, refusal when none is usable, retention after a resume
-(framework/distributed/integrity.py, resume.py, checkpoints.py)."""
+(framework/checkpointing/integrity.py, resume.py, checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from framework.distributed.checkpoints import AtomicCheckpointIO, ResumeStateCallback, atomic_torch_save
-from framework.distributed.integrity import (INCOMPLETE, file_sha256, manifest_files, read_checksums, sidecar,
+from framework.checkpointing.checkpoints import AtomicCheckpointIO, ResumeStateCallback, atomic_torch_save
+from framework.checkpointing.integrity import (INCOMPLETE, file_sha256, manifest_files, read_checksums, sidecar,
                                              write_manifest, write_sidecar)
-from framework.distributed.resume import (find_resume_checkpoint, is_complete, prune_step_checkpoints,
+from framework.checkpointing.resume import (find_resume_checkpoint, is_complete, prune_step_checkpoints,
                                           resolve_resume, scan_checkpoints)
 
 

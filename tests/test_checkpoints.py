@@ -1,4 +1,4 @@
-"""Atomic checkpoint files, weights-only loading and resume discovery (framework/distributed/checkpoints.py)."""
+"""Atomic checkpoint files, weights-only loading and resume discovery (framework/checkpointing/checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from framework.distributed.checkpoints import (
+from framework.checkpointing.checkpoints import (
     AtomicCheckpointIO,
     atomic_torch_save,
     checkpoint_step,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.distributed.consolidate import checkpoint_kind, consolidate, main
+from framework.checkpointing.consolidate import checkpoint_kind, consolidate, main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_workers.launch import train  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.distributed.consolidate import checkpoint_kind, consolidate
+from framework.checkpointing.consolidate import checkpoint_kind, consolidate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_workers.launch import torchrun  # noqa: E402

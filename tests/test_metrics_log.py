@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from framework.callbacks.preemption import PreemptionCallback
-from framework.distributed.checkpoints import AtomicCheckpointIO, safe_load
+from framework.checkpointing.checkpoints import AtomicCheckpointIO, safe_load
 from framework.tracking.metrics_log import MetricsLogCallback, ResumableCSVLogger
 
 

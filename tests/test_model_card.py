@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from framework.callbacks.model_card import ModelCardInfo, render_model_card, write_model_card
+from framework.tracking.model_card import ModelCardInfo, render_model_card, write_model_card
 from framework.models import ModelConfig
 
 
@@ -89,7 +89,7 @@ def test_run_writes_card_export_copies_it_and_commands_use_the_run_dir(compose, 
 
 
 def test_each_source_is_described_by_what_it_is():
-    from framework.callbacks.model_card import describe_data
+    from framework.tracking.model_card import describe_data
     from framework.data.config import DataConfig
 
     assert "standard library" in describe_data(DataConfig(source="stdlib"))["description"]

@@ -233,7 +233,7 @@ def test_muon_resumes_exactly(muon_runs, run, tmp_path_factory):
 def test_a_consolidated_fsdp2_muon_checkpoint_loads_into_one_process(muon_runs):
     """fw-consolidate's file holds the combined optimizer in torch's format: full-size momentum buffers that load
     into a single-process MuonWithAdamW and agree with the single-process run's at the same step."""
-    from framework.distributed.consolidate import consolidate_dcp
+    from framework.checkpointing.consolidate import consolidate_dcp
 
     def optimizer_state(ckpt: dict) -> dict:
         hp = ckpt["hyper_parameters"]

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import TINY
 from framework.callbacks.preemption import PreemptionCallback
 from framework.config import to_run_config
-from framework.distributed.checkpoints import AtomicCheckpointIO, ResumeStateCallback, find_resume_checkpoint, safe_load
+from framework.checkpointing.checkpoints import AtomicCheckpointIO, ResumeStateCallback, find_resume_checkpoint, safe_load
 from framework.train import run
 from stop_at import StopAt
 

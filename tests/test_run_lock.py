@@ -1,4 +1,4 @@
-"""One run per run directory (framework/distributed/run_lock.py): a live holder refuses a second job by name,
+"""One run per run directory (framework/checkpointing/run_lock.py): a live holder refuses a second job by name,
 a SIGKILLed holder's lock file does not, and a requeue of the same SLURM job proceeds."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from framework.distributed.run_lock import LOCK_NAME, RunDirectoryBusy, acquire, release, run_directory_lock
+from framework.checkpointing.run_lock import LOCK_NAME, RunDirectoryBusy, acquire, release, run_directory_lock
 
 REPO = Path(__file__).resolve().parent.parent
 HOLDER = """
 import sys
-from framework.distributed.run_lock import acquire
+from framework.checkpointing.run_lock import acquire
 acquire(sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()  # hold until the test closes stdin (or kills this process)
@@ -81,7 +81,7 @@ def test_ranks_launched_by_the_holder_do_not_take_the_lock(tmp_path):
 
 ORPHANED = """
 import os, sys, time
-from framework.distributed.run_lock import acquire
+from framework.checkpointing.run_lock import acquire
 acquire(sys.argv[1])
 if os.fork() == 0:  # like a data loader worker: inherits the locked file, outlives its killed parent briefly
     time.sleep(2)

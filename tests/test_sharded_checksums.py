@@ -1,6 +1,6 @@
 """Sharded (FSDP2 / torch.distributed.checkpoint) checkpoints of a real 2-rank run carry a checksum manifest,
 pass the metadata check that runs no pickled code, and a corrupted shard is skipped
-(framework/distributed/sharded_checksums.py, integrity.py)."""
+(framework/checkpointing/sharded_checksums.py, integrity.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from framework.distributed.integrity import INCOMPLETE, MANIFEST, manifest_files, read_checksums
-from framework.distributed.resume import checkpoint_problem, scan_checkpoints
+from framework.checkpointing.integrity import INCOMPLETE, MANIFEST, manifest_files, read_checksums
+from framework.checkpointing.resume import checkpoint_problem, scan_checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_workers.launch import train  # noqa: E402
@@ -71,7 +71,7 @@ class _OneRank:
 def _wrapped(write) -> _OneRank:
     from types import SimpleNamespace
 
-    from framework.distributed.sharded_checksums import ShardedChecksums
+    from framework.checkpointing.sharded_checksums import ShardedChecksums
 
     strategy = _OneRank(write)
     ShardedChecksums().setup(SimpleNamespace(strategy=strategy), None, "fit")
@@ -92,7 +92,7 @@ def test_a_sharded_rewrite_is_marked_incomplete_until_its_manifest_is_written(tm
     _wrapped(write).save_checkpoint({"state_dict": {}}, last)
     assert seen_marker == [True] and not (last / INCOMPLETE).exists()
     assert sorted(read_checksums(last / MANIFEST)) == ["shard_0"]
-    from framework.distributed.integrity import verify_checksums
+    from framework.checkpointing.integrity import verify_checksums
 
     assert verify_checksums(last) == (None, True)
 
@@ -101,7 +101,7 @@ def test_a_sharded_save_that_fills_the_disk_is_removed_and_reported_in_one_sente
     import torch
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from framework.distributed.checkpoints import CheckpointWriteError
+    from framework.checkpointing.checkpoints import CheckpointWriteError
 
     earlier = tmp_path / "step0000004.ckpt"
     earlier.mkdir()

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import TINY
 from framework.config import to_run_config
-from framework.distributed.checkpoints import find_resume_checkpoint, safe_load
+from framework.checkpointing.checkpoints import find_resume_checkpoint, safe_load
 from framework.tracking.run_state import run_is_finished
 from framework.train import run
 
@@ -31,7 +31,7 @@ OVERRIDES = ["trainer.max_steps=12", "callbacks.checkpoint_every_n_steps=4", "ca
 # launcher starts rank 1 by running the same script again.
 RUNNER = """
 import os, signal, sys
-from framework.distributed.checkpoints import AtomicCheckpointIO
+from framework.checkpointing.checkpoints import AtomicCheckpointIO
 from framework.objectives.clm import CausalLM
 mode, sig, at = {mode!r}, {sig}, {at}
 if mode == "signal":

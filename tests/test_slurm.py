@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from framework.distributed.checkpoints import find_resume_checkpoint, is_complete, safe_load
+from framework.checkpointing.checkpoints import find_resume_checkpoint, is_complete, safe_load
 from framework.submit import compose, submit
 from slurm_cluster import JOB_TIMEOUT, _free_port, slurm_cluster  # noqa: F401  (the fixture)
 from test_wandb import read_offline_run

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.distributed.checkpoints import checkpoint_step, find_resume_checkpoint, is_complete, safe_load
+from framework.checkpointing.checkpoints import checkpoint_step, find_resume_checkpoint, is_complete, safe_load
 from framework.submit import submit
 from slurm_cluster import JOB_TIMEOUT, _free_port, slurm_cluster  # noqa: F401  (the fixture)
 from test_slurm import _diagnosis, _log, _overrides, _steps_and_losses
@@ -49,7 +49,7 @@ def _two_nodes(data_cache: str, name: str, *extra: str, port: int | None = None)
                       "trainer.val_check_interval=1000", f"callbacks.checkpoint_every_n_steps={EVERY}",
                       "callbacks.keep_checkpoints=-1",
                       "cluster.preemption_check_every_n_steps=2", "cluster.socket_ifname=lo",
-                      "callbacks.model_card=false", *extra, port=port)
+                      "tracking.model_card=false", *extra, port=port)
 
 
 def _finish(cluster, sub, timeout: float = JOB_TIMEOUT) -> str:

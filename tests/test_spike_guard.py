@@ -146,7 +146,7 @@ def test_spikes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_
     assert skips["skips"] == [[30 * batch, 3 * batch]]  # the windows of steps 30, 31 and 32
     assert skips["rollbacks"][0]["checkpoint"] == "step0000030.ckpt"
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "rolled_back" / "1").glob("*.ckpt"))[0] == "last.ckpt"
-    from framework.distributed.checkpoints import safe_load
+    from framework.checkpointing.checkpoints import safe_load
 
     state = safe_load(tmp_path / "checkpoints" / "last.ckpt")
     dm_state = next(v for k, v in state.items() if "DataModule" in k)

@@ -96,7 +96,7 @@ def test_gpt2_clm_shards_are_tiktokens_gpt2_ids(gpt2_ranks, gpt2_dir, tmp_path, 
     stream = np.concatenate([open_tokens(p, prepared.dtype) for p in prepared.shards("train")])
     assert stream.tolist() == expected.tolist()
     assert enc.encode_ordinary("Hello world")[:2] == [15496, 995]  # GPT-2's published ids
-    from framework.callbacks.model_card import describe_data, tokenizer_lines
+    from framework.tracking.model_card import describe_data, tokenizer_lines
 
     card = tokenizer_lines(describe_data(cfg, prepared.meta)["tokenizer"])
     assert card[0] == f"- tokenizer: given ({gpt2_dir})"

@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 from framework.data.datamodule import skip_positions
-from framework.distributed.checkpoints import checkpoint_step
-from framework.distributed.resume import checkpoint_problem
+from framework.checkpointing.checkpoints import checkpoint_step
+from framework.checkpointing.resume import checkpoint_problem
 
 SKIPS_FILE = "data_skips.json"
 MAX_ROLLBACKS = 3

@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 DATA_ORDER = "feistel-v1"  # global stream; epoch e = position // n in FeistelPermutation(n, seed, e) order
-RNG_KEY = "rng_states"  # framework.distributed.checkpoints.ResumeStateCallback.RNG_KEY: one entry per rank
+RNG_KEY = "rng_states"  # framework.checkpointing.checkpoints.ResumeStateCallback.RNG_KEY: one entry per rank
 
 
 def saved_global_position(state: dict, checkpoint_world_size: int | None) -> int:

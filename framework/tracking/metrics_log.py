@@ -36,7 +36,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from framework.distributed.checkpoints import CheckpointWriteError, _size
+from framework.checkpointing.checkpoints import CheckpointWriteError, _size
 
 
 class MetricsWriteError(CheckpointWriteError):

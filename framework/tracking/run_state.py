@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from framework.distributed.checkpoints import checkpoint_step, find_resume_checkpoint
+from framework.checkpointing.checkpoints import checkpoint_step, find_resume_checkpoint
 
 FINAL_METRICS = "final_metrics.json"
 

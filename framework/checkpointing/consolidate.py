@@ -1,6 +1,6 @@
 """Consolidate a sharded checkpoint (FSDP2 / DeepSpeed ZeRO directory) into one Lightning ``.ckpt`` file.
 
-    python3 -m framework.distributed.consolidate runs/x/checkpoints/step0001000.ckpt step1000-full.ckpt
+    python3 -m framework.checkpointing.consolidate runs/x/checkpoints/step0001000.ckpt step1000-full.ckpt
     fw-consolidate runs/x/checkpoints/last.ckpt last-full.ckpt
 
 The output is what a single-device or DDP run saves: ``state_dict`` with the same ``model.<...>`` keys

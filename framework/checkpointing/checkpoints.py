@@ -2,7 +2,7 @@
 exact-resume state.
 
 - ``AtomicCheckpointIO`` (a Lightning CheckpointIO plugin) writes ``<name>.tmp``, fsyncs it, records its
-  SHA-256 in the sidecar ``<name>.sha256`` (``framework.distributed.integrity`` has the scheme) and renames it
+  SHA-256 in the sidecar ``<name>.sha256`` (``framework.checkpointing.integrity`` has the scheme) and renames it
   over ``<name>``, so a reader sees either the previous complete file or the new complete file, never a
   partial one. ModelCheckpoint saves the new file before it removes an older one (Lightning 2.6
   ``_save_last_checkpoint`` / ``_update_best_and_save``), so a complete checkpoint exists at every instant.
@@ -10,13 +10,13 @@ exact-resume state.
 - A write that fails (ENOSPC, any OSError) removes its temporary file, leaves every earlier checkpoint as it
   was and raises ``CheckpointWriteError``: one sentence with the path, the space the checkpoint needs and
   the space free; ``fw-train`` prints it and exits with status 1 after Lightning has finalized the loggers.
-- Resume discovery and retention after a resume: ``framework.distributed.resume``.
+- Resume discovery and retention after a resume: ``framework.checkpointing.resume``.
 - ``ResumeStateCallback`` stores what Lightning does not: every rank's RNG states (torch, CUDA, numpy,
   python) and the wandb run id, so a resumed run draws the same random numbers and continues the same
   wandb run; after a resume it removes the step checkpoints ModelCheckpoint has forgotten.
 
 Sharded checkpoints (FSDP/DeepSpeed directories) are written by their strategies, not by this plugin;
-``framework.distributed.sharded_checksums`` adds their checksums and failure handling.
+``framework.checkpointing.sharded_checksums`` adds their checksums and failure handling.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from framework.distributed.integrity import safe_load, sidecar, write_sidecar
-from framework.distributed.resume import (  # noqa: F401  (the discovery API, re-exported)
+from framework.checkpointing.integrity import safe_load, sidecar, write_sidecar
+from framework.checkpointing.resume import (  # noqa: F401  (the discovery API, re-exported)
     LIGHTNING_META, STEP_PATTERN, TMP_SUFFIX, checkpoint_step, find_resume_checkpoint, is_complete,
     prune_step_checkpoints, resolve_resume, scan_checkpoints)
 

@@ -25,8 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from framework.distributed.checkpoints import CheckpointWriteError, state_nbytes
-from framework.distributed.integrity import INCOMPLETE, file_sha256, manifest_files, write_manifest
+from framework.checkpointing.checkpoints import CheckpointWriteError, state_nbytes
+from framework.checkpointing.integrity import INCOMPLETE, file_sha256, manifest_files, write_manifest
 
 
 def _gather(local: dict, world_size: int) -> dict:

@@ -3,7 +3,7 @@
 ``find_resume_checkpoint`` ranks every checkpoint in the directory by global step (from the name
 ``step{step:07d}.ckpt``; ``last.ckpt`` is read lazily with mmap) and takes the newest usable one. Usable: a
 complete file (its zip central directory, written last by ``torch.save``, is intact) or a finished sharded
-directory, whose checksums match (``framework.distributed.integrity``) and whose pickled parts load
+directory, whose checksums match (``framework.checkpointing.integrity``) and whose pickled parts load
 ``weights_only=True`` (a damaged pickle section fails here, not in the middle of ``fit``; a crafted pickle
 that would run code is refused without running it). Each newer checkpoint that fails is named in one
 sentence and skipped. Leftover ``.tmp`` files and sharded directories still being written are not
@@ -23,7 +23,7 @@ from typing import Callable
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from framework.distributed.integrity import INCOMPLETE, check_dcp_directory, safe_load, sidecar, verify_checksums
+from framework.checkpointing.integrity import INCOMPLETE, check_dcp_directory, safe_load, sidecar, verify_checksums
 
 STEP_PATTERN = re.compile(r"step(\d+)")
 STEP_CHECKPOINT = re.compile(r"step(\d+)(-v\d+)?\.ckpt$")  # what ModelCheckpoint writes (not preempted-step...)
