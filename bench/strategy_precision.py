@@ -50,7 +50,7 @@ def compose(overrides_: list[str]):
     from framework.config import compose as compose_run
 
     # optional callbacks of other subsystems that would only add time here
-    return compose_run([*overrides_, "callbacks.throughput=false", "tracking.model_card=false"])
+    return compose_run([*overrides_, "callbacks.throughput=false", "callbacks.model_card=false"])
 
 
 def run_one(args, strategy: str, precision: str, extra: list[str]) -> dict:

@@ -212,7 +212,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
     if trainer.is_global_zero:
         (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         _print_summary(metrics, run_dir)
-        if cfg.tracking.model_card:
+        if cfg.callbacks.model_card:
             write_model_card(run_dir, run_card_info(cfg.name, module, trainer, cfg.data, prepared.meta, metrics))
     finish_wandb(trainer)
     return metrics

@@ -133,7 +133,7 @@ def train_overrides(args: argparse.Namespace, hp: dict, init: Path, tokenizer_pa
              f"data.tokenizer_path={tokenizer_path}", f"init_from={init}", f"trainer.max_steps={args.steps}",
              f"trainer.val_check_interval={max(1, args.steps // 4)}", f"optim.lr={args.lr}",
              f"optim.warmup_steps={max(1, args.steps // 10)}", f"seed={args.seed}", "resume=never",
-             f"name={run_dir.parent.name}-train", f"run_dir={run_dir}", "tracking.model_card=false"]
+             f"name={run_dir.parent.name}-train", f"run_dir={run_dir}", "callbacks.model_card=false"]
     over += mixture_overrides(args, data) if has_mixtures() else domain_only_overrides(data)
     if args.curation:
         over.append("data.curation.enabled=true")

@@ -23,7 +23,7 @@ from test_checkpoint_integrity import flip_tensor_bytes
 REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = ["trainer.max_steps=12", "callbacks.checkpoint_every_n_steps=4", "callbacks.keep_checkpoints=-1",
              "trainer.log_every_n_steps=1", "trainer.val_check_interval=100", "data.val_windows=8", "torch_threads=1",
-             "callbacks.throughput=false", "tracking.model_card=false"]
+             "callbacks.throughput=false", "callbacks.model_card=false"]
 PAUSED_RUN = """
 import os, sys, time
 from pathlib import Path

@@ -251,7 +251,7 @@ def test_domain_recipe_end_to_end(compose, data_cache, tmp_path, capsys):
 
     base = tmp_path / "base"
     run(to_run_config(compose(["trainer.max_steps=40", "trainer.val_check_interval=40", "optim.lr=3e-3",
-                               "callbacks.throughput=false", "tracking.model_card=false"])), base)
+                               "callbacks.throughput=false", "callbacks.model_card=false"])), base)
     results = main(["--base", str(base), "--out", str(tmp_path / "out"), "--new-tokens", "32", "--max-documents",
                     "80", "--steps", "30", "--lr", "3e-3", "--micro-batch", "8", "--val-windows", "16",
                     "--cache-dir", data_cache, "--num-proc", "1", "--",
@@ -278,7 +278,7 @@ def test_domain_experiment_continues_a_checkpoint_on_the_mixture(compose, tiny_p
     metrics = run(to_run_config(compose(["experiment=domain_legal", f"init_from={ckpt}",
                                          f"data.tokenizer_path={tiny_prepared.tokenizer_path}", "data.max_documents=60",
                                          "trainer.max_steps=2", "callbacks.throughput=false",
-                                         "tracking.model_card=false"])), tmp_path / "run")
+                                         "callbacks.model_card=false"])), tmp_path / "run")
     assert metrics["step"] == 2
     assert metrics["tokens_seen/legal"] + metrics["tokens_seen/general"] == metrics["tokens_seen"]
     assert 0 < metrics["val_loss_nats/legal"] < 10 and 0 < metrics["val_loss_nats/general"] < 10

@@ -267,7 +267,7 @@ def test_stopped_and_resumed_mixture_run_matches_uninterrupted(compose, code_pat
 
     cfg = to_run_config(compose(_mixture_overrides(code_paths, (0.3, 0.7)) + [
         "trainer.max_steps=14", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100",
-        "callbacks.checkpoint_every_n_steps=6", "callbacks.throughput=false", "tracking.model_card=false",
+        "callbacks.checkpoint_every_n_steps=6", "callbacks.throughput=false", "callbacks.model_card=false",
         "data.val_windows=8"]))
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
     full = run(cfg, full_dir)

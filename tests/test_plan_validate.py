@@ -26,7 +26,7 @@ def _tiny_shape(family: str) -> list[str]:
     run = ["data.seq_len=64", "data.micro_batch_size=4", "data.vocab_size=512", "data.max_documents=400",
            "data.num_proc=1", "data.val_windows=4", "trainer.max_steps=2", "trainer.accumulate_grad_batches=1",
            "trainer.devices=1", "trainer.num_nodes=1", "trainer.val_check_interval=1000", "trainer.accelerator=cpu",
-           "trainer.enable_progress_bar=false", "strategy=auto", "precision=fp32", "tracking.model_card=false"]
+           "trainer.enable_progress_bar=false", "strategy=auto", "precision=fp32", "callbacks.model_card=false"]
     return shape + run
 
 

@@ -65,7 +65,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def test_cooldown_branch_equals_the_schedule_run_straight_through(compose, tmp_path):
     common = ["optim.schedule=wsd", "optim.decay_fraction=0.25", "trainer.val_check_interval=1000",
               "trainer.log_every_n_steps=1", "callbacks.checkpoint_every_n_steps=10", "optim.lr=3e-3",
-              "callbacks.throughput=false", "tracking.model_card=false"]
+              "callbacks.throughput=false", "callbacks.model_card=false"]
     straight = tmp_path / "straight"
     run(to_run_config(compose(common + ["trainer.max_steps=24"])), straight)  # decay over steps 18..23
 

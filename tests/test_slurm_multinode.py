@@ -49,7 +49,7 @@ def _two_nodes(data_cache: str, name: str, *extra: str, port: int | None = None)
                       "trainer.val_check_interval=1000", f"callbacks.checkpoint_every_n_steps={EVERY}",
                       "callbacks.keep_checkpoints=-1",
                       "cluster.preemption_check_every_n_steps=2", "cluster.socket_ifname=lo",
-                      "tracking.model_card=false", *extra, port=port)
+                      "callbacks.model_card=false", *extra, port=port)
 
 
 def _finish(cluster, sub, timeout: float = JOB_TIMEOUT) -> str:

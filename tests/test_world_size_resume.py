@@ -32,7 +32,7 @@ def _overrides(cache: str, tokenizer: str, world: int) -> list[str]:
             f"data.micro_batch_size={GLOBAL_BATCH // world}", f"trainer.devices={world}",
             f"strategy={'ddp' if world > 1 else 'auto'}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
             f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000", f"callbacks.checkpoint_every_n_steps={STOP}",
-            "callbacks.keep_checkpoints=-1", "callbacks.throughput=false", "tracking.model_card=false",
+            "callbacks.keep_checkpoints=-1", "callbacks.throughput=false", "callbacks.model_card=false",
             "logger.csv=false", "optim.warmup_steps=2", "torch_threads=1"]
 
 
