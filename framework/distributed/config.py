@@ -41,7 +41,7 @@ class StrategyConfig:
     # --- common
     sharded_checkpoint: bool = True  # fsdp: one shard per rank (a directory); False gathers one file on rank 0
     process_group_backend: str = ""  # "" = nccl on GPUs, gloo on CPUs
-    find_unused_parameters: bool = False  # ddp only
+    find_unused_parameters: bool = False  # ddp only; true also makes a resume on 3+ ranks bit-exact (no bucket rebuild; see strategies.py)
 
 
 @dataclass
