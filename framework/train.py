@@ -210,12 +210,24 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
         metrics["eval"] = evaluate_after_training(trainer, module, prepared.tokenizer(), cfg.callbacks.eval_tasks,
                                                   cfg.callbacks.eval_shots, cfg.callbacks.eval_limit)
     if trainer.is_global_zero:
-        (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+        _write_final_metrics(run_dir / "final_metrics.json", metrics)
         _print_summary(metrics, run_dir)
         if cfg.callbacks.model_card:
             write_model_card(run_dir, run_card_info(cfg.name, module, trainer, cfg.data, prepared.meta, metrics))
     finish_wandb(trainer)
     return metrics
+
+
+def _write_final_metrics(path: Path, metrics: dict) -> None:
+    """Atomically; a full disk is one sentence (the checkpoints are intact, so the same command finishes the run)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write {path} ({err.strerror or err}); free space (or fix the path) and run the "
+                                   "same command again; the checkpoints are intact.") from None
 
 
 @rank_zero_only
