@@ -226,8 +226,8 @@ def _write_final_metrics(path: Path, metrics: dict) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"could not write {path} ({err.strerror or err}); free space (or fix the path) and run the "
-                                   "same command again; the checkpoints are intact.") from None
+        raise CheckpointWriteError(f"could not write {path} ({err.strerror or err}); free space (or fix the path) "
+                                   "and run the same command again; the checkpoints are intact.") from None
 
 
 @rank_zero_only
