@@ -9,7 +9,7 @@ size is reached. One byte-level BPE (``data.vocab_size`` 8192) is trained once o
 every run (``data.tokenizer_path``), so only tokenization is timed.
 
 Per size:
-- framework: ``fw-prepare`` (``python3 -m framework.cli prepare``) in a subprocess; wall time includes process
+- framework: ``fw-prepare`` (``python3 -m framework prepare``) in a subprocess; wall time includes process
   start and config composition, the task's own seconds (meta.json) do not;
 - ceiling: in a fresh subprocess, the same tokenizer's ``encode_batch_fast`` (``encode_batch`` where absent) alone (``TOKENIZERS_PARALLELISM=true``:
   its Rust thread pool on the same cores) over the same documents in chunks of ``--ceiling-chunk-bytes``
@@ -189,7 +189,7 @@ def measure_ceiling(tokenizer: Path, corpus: Path, chunk_chars: int, cores: int)
 
 def measure_framework(tokenizer: Path, corpus: Path, cache: Path, num_proc: int, chunk_chars: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "framework.cli", "prepare", "data.source=files", f"data.paths=[{corpus}/*.jsonl]",
+    cmd = [sys.executable, "-m", "framework", "prepare", "data.source=files", f"data.paths=[{corpus}/*.jsonl]",
            f"data.tokenizer_path={tokenizer}", f"data.cache_dir={cache}", f"data.num_proc={num_proc}",
            f"data.prepare_chunk_bytes={chunk_chars}"]
     proc, peak, wall = run_with_peak_rss(cmd, env=env)

@@ -59,7 +59,7 @@ def run_one(args, strategy: str, precision: str, extra: list[str]) -> dict:
     import torch
 
     from framework.distributed.precision import check_strategy_precision, detect_device
-    from framework.train import build_run
+    from framework.run import build_run
 
     cfg = compose(overrides(args, strategy, precision, extra))
     try:
@@ -151,7 +151,7 @@ def main() -> None:
                  "tests/test_deepspeed_cpu.py.")
     import multiprocessing
 
-    import framework.train  # noqa: F401  (imported once here; every forked child reuses it)
+    import framework.run  # noqa: F401  (imported once here; every forked child reuses it)
     from framework.data.prepare import prepare_data
 
     prepare_data(compose(overrides(args, "ddp", "fp32", [])).data, progress=False)  # once, before the children

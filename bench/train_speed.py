@@ -6,7 +6,7 @@
     python3 bench/train_speed.py --tiny                 # CPU check at a tiny size (fp32, no compile)
 
 For every row the same model is trained twice from the same seed and weights, on the same batches in the
-same order: once through Lightning as ``framework.train`` drives it (``PretrainModule`` of the objective,
+same order: once through Lightning as ``framework.run`` drives it (``PretrainModule`` of the objective,
 ``PretrainDataModule`` over memory-mapped token shards, ``ThroughputMonitor``, the RNG-state and preemption
 callbacks, gradient clipping, the framework's per-block ``torch.compile``; no checkpoint writes), once by a plain loop (the same ``compute_loss``, the optimizer and
 schedule from ``configure_optimizers``, the same autocast, clipping and loader). Both are timed the same way:
@@ -255,7 +255,7 @@ def run_lightning(row: Row, opts: Options, prepared: PreparedData) -> tuple[Meas
     total = opts.warmup + opts.steps
     timer = WindowTimer(opts.warmup, total, opts.fingerprints)
     monitor = ThroughputMonitor(window=opts.steps, peak_flops_per_device=opts.peak_flops)
-    # framework.train's per-step callbacks too (checkpoint writes excluded): RNG bookkeeping, the preemption check
+    # framework.run's per-step callbacks too (checkpoint writes excluded): RNG bookkeeping, the preemption check
     callbacks = [timer, monitor, ResumeStateCallback(),
                  PreemptionCallback(Path(prepared.directory) / "checkpoints", requeue=False)]
     if opts.profile_dir:  # first: its trace is written before the timer's first edge

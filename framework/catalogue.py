@@ -16,6 +16,10 @@ from dataclasses import dataclass
 PF_DAY_FLOPS = 1e15 * 86_400  # one petaFLOP/s-day = 8.64e19 FLOPs
 
 
+def pf_days(flops: float) -> float:
+    return flops / PF_DAY_FLOPS
+
+
 # --------------------------------------------------------------------------------------------- model families
 @dataclass(frozen=True)
 class FamilySpec:
@@ -31,6 +35,7 @@ class FamilySpec:
     hf_architecture: str  # the transformers class ``framework.export`` writes
     hf_auto_class: str  # the transformers Auto class that loads it
     description: str
+    architecture: str  # the blocks, in a sentence (model cards)
 
     @property
     def relative_position_bias(self) -> bool:
@@ -40,13 +45,19 @@ class FamilySpec:
 FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (
     FamilySpec("decoder", causal=True, has_decoder_stack=False, position="rope", generates="text",
                hf_architecture="LlamaForCausalLM", hf_auto_class="AutoModelForCausalLM",
-               description="decoder-only, GPT/Llama-style (causal attention)"),
+               description="decoder-only, GPT/Llama-style (causal attention)",
+               architecture="decoder-only transformer (GPT/Llama-style): causal self-attention with rotary positions, "
+                            "pre-norm RMSNorm, SwiGLU MLP"),
     FamilySpec("encoder", causal=False, has_decoder_stack=False, position="rope", generates="masks",
                hf_architecture="EuroBertForMaskedLM", hf_auto_class="AutoModelForMaskedLM",
-               description="encoder-only, BERT-style (bidirectional attention)"),
+               description="encoder-only, BERT-style (bidirectional attention)",
+               architecture="encoder-only transformer (BERT-style, modern pre-norm variant): bidirectional "
+                            "self-attention with rotary positions, RMSNorm, SwiGLU MLP"),
     FamilySpec("encoder_decoder", causal=False, has_decoder_stack=True, position="relative_bias", generates="spans",
                hf_architecture="T5ForConditionalGeneration", hf_auto_class="AutoModelForSeq2SeqLM",
-               description="encoder-decoder, T5 v1.1-style"),
+               description="encoder-decoder, T5 v1.1-style",
+               architecture="encoder-decoder transformer (T5 v1.1-style): bidirectional encoder, causal decoder with "
+                            "cross-attention, bucketed relative position bias, RMSNorm, SwiGLU MLP"),
 )}
 POSITIONS = ("rope", "relative_bias")
 

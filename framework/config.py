@@ -9,7 +9,7 @@ YAML is merged into these dataclasses: an unknown key, a value of the wrong type
 ``compose(overrides)`` is the one way to build a ``TrainConfig`` from ``conf/`` and command-line overrides
 (fw-train's check, fw-prepare, fw-submit, recipes, benches, tests); its errors are ``ConfigError``, one
 sentence each (``framework.config_errors``). ``to_run_config`` turns a composed DictConfig into plain dataclass
-objects; nothing below ``framework.train`` ever sees the raw config.
+objects; nothing below ``framework.run`` ever sees the raw config.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Export a training checkpoint to a Hugging Face transformers directory.
 
-    python3 -m framework.export runs/default/checkpoints/last.ckpt exported/   # or: fw-export CKPT OUT
+    fw-export runs/default/checkpoints/last.ckpt exported/   # the command: framework.commands.export
 
 Each family maps one-to-one, weight for weight, onto a transformers class (its registration's ``HFExport`` in
 ``framework.models.registry``; the maps live in ``framework/models/hf_llama.py`` and ``hf_t5.py``), so the exported
@@ -20,16 +20,15 @@ vocabulary; the padding rows are never produced by the tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from framework.tracking.model_card import card_info_from_checkpoint, write_model_card
-from framework.cli_errors import reading_checkpoint, user_errors
 from framework.data.tokenizer import SpecialIds, load_tokenizer
 from framework.checkpointing.checkpoints import read_training_checkpoint
+from framework.checkpointing.integrity import reading_checkpoint
 from framework.models.config import ModelConfig
 from framework.models.registry import family
 
@@ -94,7 +93,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_pat
                               "directory, or pass --overwrite to replace the files the export writes there.")
     config, special, state, hparams = load_checkpoint(checkpoint)
     if tokenizer_path is None:
-        # the path an older run recorded, else the copy framework.train keeps in <run_dir>/tokenizer.json
+        # the path an older run recorded, else the copy framework.run keeps in <run_dir>/tokenizer.json
         candidates = [Path(p) for p in (hparams.get("tokenizer_path"), Path(checkpoint).resolve().parent.parent
                                         / "tokenizer.json") if p]
         tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0] if candidates else Path(""))
@@ -129,22 +128,3 @@ def _generation_config(c: ModelConfig, special: SpecialIds):
 
     extra = family(c.family).export.generation(special)
     return GenerationConfig(pad_token_id=special.pad, eos_token_id=special.eos, **extra)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fw-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a single-file Lightning checkpoint written by framework.train (.ckpt)")
-    parser.add_argument("out_dir", help="directory to write the transformers model into")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json of the run (default: the path recorded in the checkpoint)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir, replacing its files")
-    args = parser.parse_args(argv)
-    with user_errors("fw-export"):
-        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, overwrite=args.overwrite)
-    info = json.loads((out / "framework_export.json").read_text())
-    print(f"exported a {info['family']} model ({info['parameters']:,} parameters) as {info['architecture']} to {out}; "
-          f"load it with transformers.{info['auto_class']}.from_pretrained({str(out)!r})")
-
-
-if __name__ == "__main__":
-    main()

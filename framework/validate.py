@@ -1,7 +1,7 @@
 """Every cross-field check of a training config, run right after composition and before any data is read.
 
 ``validate(cfg)`` raises one ``ConfigurationError`` (a ValueError) whose message is one sentence naming the
-setting at fault and what to do. ``framework.train`` calls it on the composed config and again as the first
+setting at fault and what to do. ``framework.run`` calls it on the composed config and again as the first
 line of ``build_run`` (recipes and benches call that directly); ``fw-prepare`` and ``fw-plan`` (on the plan it
 is about to write) call it too. The checks, in order: value ranges of single fields (positive sizes and
 steps), the model (family x objective, shape, ``seq_len`` x ``max_seq_len``, the vocabulary the tokenizer

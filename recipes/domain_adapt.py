@@ -8,12 +8,12 @@ what the domain gains and the general text loses (forgetting).
 3. an initial checkpoint whose embedding (and untied LM head) rows are moved to the new vocabulary by Fast
    Vocabulary Transfer (Gee et al. 2022; ``framework.adapt``), with its ``tokenizer.json``;
 4. validation loss BEFORE on the domain and the general split, both tokenized with the new tokenizer;
-5. continued pretraining on the mixture (``framework.train.run`` with ``init_from``, ``data.tokenizer_path``,
+5. continued pretraining on the mixture (``framework.run.run`` with ``init_from``, ``data.tokenizer_path``,
    ``data.sources`` + ``data.mixture``, ``trainer.max_steps``, ``optim.lr``): step 0, a fresh optimizer;
 6. validation loss AFTER on both splits; a table (domain / general x before / after, the change; the general
    split's increase is the forgetting) printed and saved as ``domain_adapt.json`` and ``domain_adapt.md``.
 
-    python3 -m framework.train                              # the README's default run: runs/default
+    python3 -m framework train                              # the README's default run: runs/default
     python3 -m recipes.domain_adapt --base runs/default     # licences (legal) + stdlib docstrings, extend 512
     python3 -m recipes.domain_adapt --base runs/default --tokenizer new --vocab-size 4096 --curation
     python3 -m recipes.domain_adapt --base runs/default -- trainer.accelerator=gpu precision=bf16
@@ -58,10 +58,10 @@ def resolve_base(base: str) -> Path:
     path = Path(base)
     if path.is_dir() and not (path / "checkpoints").is_dir():
         raise FileNotFoundError(f"--base {base} is a directory without checkpoints/; give a run directory of "
-                                "`python3 -m framework.train` (e.g. runs/default) or a .ckpt file.")
+                                "`python3 -m framework train` (e.g. runs/default) or a .ckpt file.")
     ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
     if not ckpt.exists():
-        raise FileNotFoundError(f"no checkpoint at {ckpt}; train the base first (`python3 -m framework.train` writes "
+        raise FileNotFoundError(f"no checkpoint at {ckpt}; train the base first (`python3 -m framework train` writes "
                                 "runs/default) or pass --base <run dir or .ckpt>.")
     return ckpt
 
@@ -272,11 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(run_dir)
     overrides = train_overrides(args, hp, init, tok_path, run_dir, data)
     stage(f"continued pretraining: {args.steps} steps -> {run_dir}")
-    from framework.train import run
+    from framework.run import run
 
     if not has_mixtures():
         stage("note: this framework has no data.mixture; continuing on the domain source alone")
-    results["train_overrides"] = overrides  # the same run by hand: python3 -m framework.train <these>
+    results["train_overrides"] = overrides  # the same run by hand: python3 -m framework train <these>
     results["train_metrics"] = run(compose_train_config(overrides), run_dir)
     stage("evaluating AFTER continued pretraining")
     results["after"] = evaluate(run_dir / "checkpoints" / "last.ckpt", data, tok_path, args)

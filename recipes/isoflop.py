@@ -161,7 +161,7 @@ def write_experiments(points: list[Point], conf_root: Path, vocab_size: int, seq
 
 
 def multirun_command(points: list[Point], out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "framework.train", "-m", f"hydra.searchpath=[file://{(out / 'conf').resolve()}]",
+    return [sys.executable, "-m", "framework", "train", "-m", f"hydra.searchpath=[file://{(out / 'conf').resolve()}]",
             "experiment=" + ",".join(p.name for p in points), f"hydra.sweep.dir={(out / 'runs').resolve()}",
             "hydra.sweep.subdir=${name}", *extra]
 

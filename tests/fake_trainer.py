@@ -8,9 +8,8 @@ import torch
 
 
 class FakeTrainer:
-    """Rank ``rank`` of ``world`` on the CPU; ``loaded``: the checkpoint Lightning would be restoring."""
+    """Rank ``rank`` of ``world`` on the CPU."""
 
-    def __init__(self, rank: int, world: int, loaded: dict | None = None) -> None:
+    def __init__(self, rank: int, world: int) -> None:
         self.global_rank, self.world_size, self.num_devices = rank, world, world
         self.strategy = SimpleNamespace(root_device=torch.device("cpu"))
-        self._checkpoint_connector = SimpleNamespace(_loaded_checkpoint=loaded or {})

@@ -154,7 +154,8 @@ class SlurmCluster:
     nodes: list[str]  # node names, in NODE_ADDRESSES order
 
     def tasks(self, job_id: str) -> list[dict[str, str]]:
-        """The initial environment (plus "pid") of every ``framework.train`` task of a job of this cluster, by rank.
+        """The initial environment (plus "pid") of every ``python -m framework train`` task of a job of this cluster,
+        by rank.
         All nodes are this machine; SLURM_CONF tells this cluster's tasks from another test session's."""
         tasks = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -164,7 +165,8 @@ class SlurmCluster:
             except OSError:
                 continue
             argv = cmdline.split(b"\0")
-            if not (Path(argv[0].decode(errors="replace")).name.startswith("python") and b"framework.train" in argv):
+            is_python = Path(argv[0].decode(errors="replace")).name.startswith("python")
+            if not (is_python and argv[1:4] == [b"-m", b"framework", b"train"]):
                 continue  # the batch shell and srun carry SLURM_PROCID=0 and the command line as well
             env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
             if (env.get("SLURM_JOB_ID") == job_id and "SLURM_PROCID" in env

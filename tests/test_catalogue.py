@@ -14,7 +14,7 @@ from framework import catalogue
 from framework.catalogue import DTYPE_BYTES, FAMILIES, OBJECTIVES, PRECISIONS, STRATEGIES
 from framework.distributed.config import PrecisionConfig, StrategyConfig
 from framework.distributed.precision import strategy_option
-from framework.generate import GENERATION_MODES
+from framework.commands.generate import GENERATION_MODES
 from framework.models import PRESETS, ModelConfig, build_model
 from framework.models.registry import REGISTRY, block_lists, family
 from framework.scaling.flops import forward_flops

@@ -17,7 +17,7 @@ import pytest
 from conftest import TINY
 from framework.config import to_run_config
 from framework.checkpointing.resume import scan_checkpoints
-from framework.train import run
+from framework.run import run
 from test_checkpoint_integrity import flip_tensor_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,8 +36,8 @@ def paused_at_step_2(self, batch, batch_idx):
             time.sleep(0.05)
     return step(self, batch, batch_idx)
 CausalLM.training_step = paused_at_step_2
-from framework.train import main
-sys.argv = ["framework.train", *sys.argv[1:]]
+from framework.commands.train import main
+sys.argv = ["fw-train", *sys.argv[1:]]
 main()
 """
 
@@ -89,7 +89,7 @@ def test_a_second_run_with_the_same_name_is_refused_before_it_writes_anything(al
             time.sleep(0.1)
         assert paused.exists(), (tmp_path / "first.log").read_text()[-2000:]
         before = _snapshot(run_dir)
-        second = subprocess.run([sys.executable, "-m", "framework.train", *_cli(data_cache, run_dir)], cwd=tmp_path,
+        second = subprocess.run([sys.executable, "-m", "framework", "train", *_cli(data_cache, run_dir)], cwd=tmp_path,
                                 env=_env(), capture_output=True, text=True, timeout=240)
         assert second.returncode == 2, second.stderr[-2000:]
         last_line = second.stderr.strip().splitlines()[-1]
@@ -140,7 +140,7 @@ def test_a_disk_full_during_a_checkpoint_write_stops_in_one_sentence_and_resumes
     size = (alone[0] / "checkpoints" / "step0000004.ckpt").stat().st_size  # bytes of one checkpoint
     ckpt_dir = small_tmpfs(int(2.5 * size) + 16 * 1024)  # step 4 and last.ckpt fit; step 8 fills it mid-write
     run_dir = ckpt_dir.parent
-    proc = subprocess.run([sys.executable, "-m", "framework.train", *_cli(data_cache, run_dir)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "framework", "train", *_cli(data_cache, run_dir)], cwd=tmp_path,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -157,7 +157,7 @@ def test_fw_train_refuses_bad_overrides_in_one_line_with_exit_2_and_no_directory
     """One process, the console entry called per command line: exit 2, one `error:` line, nothing created."""
     script = textwrap.dedent(f"""
         import io, json, sys, contextlib
-        from framework.train import main
+        from framework.commands.train import main
         results = []
         for argv in {BAD_COMMAND_LINES!r}:
             sys.argv = ["fw-train", *argv, "name=bad"]

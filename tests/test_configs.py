@@ -59,7 +59,7 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "framework.train", "objective=mlm", "model=tiny",
+    proc = subprocess.run([sys.executable, "-m", "framework", "train", "objective=mlm", "model=tiny",
                            f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 2

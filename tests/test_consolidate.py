@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.checkpointing.consolidate import checkpoint_kind, consolidate, main
+from framework.checkpointing.consolidate import checkpoint_kind, consolidate
+from framework.commands.consolidate import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_workers.launch import train  # noqa: E402

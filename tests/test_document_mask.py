@@ -122,7 +122,7 @@ def test_span_corruption_sentinels_take_their_span_document():
 @pytest.mark.parametrize("objective", ["clm", "mlm", "span_corruption"])
 def test_training_with_document_mask_runs(compose, tmp_path, objective):
     from framework.config import to_run_config
-    from framework.train import build_run
+    from framework.run import build_run
 
     cfg = to_run_config(compose([f"objective={objective}", "data.document_mask=true", "trainer.max_steps=2",
                                  "callbacks.throughput=false"]

@@ -217,7 +217,7 @@ def test_evaluation_is_the_mean_loss_and_nats_per_byte_counts_the_evaluated_text
 
 
 def test_init_from_loads_exactly_and_refuses_mismatches(compose, tiny_prepared, tmp_path):
-    from framework.train import ConfigurationError, build_run, run
+    from framework.run import ConfigurationError, build_run, run
 
     tok = tiny_prepared.tokenizer()
     ckpt, saved = _checkpoint(tmp_path, "tiny", "clm", tok, record_tokenizer=True)
@@ -246,7 +246,7 @@ def test_init_from_loads_exactly_and_refuses_mismatches(compose, tiny_prepared, 
 @needs_licenses
 @pytest.mark.slow
 def test_domain_recipe_end_to_end(compose, data_cache, tmp_path, capsys):
-    from framework.train import run
+    from framework.run import run
     from recipes.domain_adapt import main
 
     base = tmp_path / "base"
@@ -272,7 +272,7 @@ def test_domain_recipe_end_to_end(compose, data_cache, tmp_path, capsys):
 
 @needs_licenses
 def test_domain_experiment_continues_a_checkpoint_on_the_mixture(compose, tiny_prepared, tmp_path):
-    from framework.train import run
+    from framework.run import run
 
     ckpt, _ = _checkpoint(tmp_path, "tiny", "clm", tiny_prepared.tokenizer(), record_tokenizer=True)
     metrics = run(to_run_config(compose(["experiment=domain_legal", f"init_from={ckpt}",

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from framework.data.tokenizer import special_ids, train_tokenizer
-from framework.export import export_checkpoint, main
+from framework.commands.export import main
+from framework.export import export_checkpoint
 from framework.models import ModelConfig, build_model
 from framework.objectives.base import module_kwargs
 from framework.objectives.config import ObjectiveConfig, OptimConfig
@@ -40,7 +41,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def _checkpoint(tmp_path, config: ModelConfig, tok, tokenizer_path, seed: int = 0):
-    """A file shaped like framework.train's Lightning checkpoints: state_dict under ``model.`` + plain hparams."""
+    """A file shaped like framework.run's Lightning checkpoints: state_dict under ``model.`` + plain hparams."""
     model = build_model(config).eval()
     _randomize(model, seed)
     # an older checkpoint's hparams also record seq_len and the tokenizer's path (the export still reads the path)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from framework.config import to_run_config
-from framework.train import build_run
+from framework.run import build_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_workers.launch import TINY_RUN, torchrun, train  # noqa: E402

@@ -17,11 +17,11 @@ from framework.generate import (
     apply_temperature,
     fill_mask,
     generate,
-    main,
     sample_next,
     top_k_filter,
     top_p_filter,
 )
+from framework.commands.generate import generate_texts as main
 from framework.models import ModelConfig, build_model
 
 

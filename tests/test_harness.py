@@ -195,7 +195,7 @@ def test_shipped_tasks_are_local_and_balanced():
 
 def test_fw_eval_refuses_an_unknown_task_and_a_damaged_checkpoint_in_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "framework.evaluation.cli"]
+    command = [sys.executable, "-m", "framework", "eval"]
     unknown = subprocess.run(command + [str(tmp_path / "none.ckpt"), "--tasks", "hellaswag"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and unknown.stdout == ""
@@ -228,7 +228,7 @@ def test_shipped_task_through_the_harness_with_a_planted_model(tmp_path, monkeyp
 
 def test_training_refuses_an_unknown_eval_task_and_the_retired_icl_task_before_any_data(compose, tmp_path):
     from framework.config import to_run_config
-    from framework.train import ConfigurationError, run
+    from framework.run import ConfigurationError, run
 
     for override, message in (("callbacks.eval_tasks=[docstring_topic,nope]", "unknown evaluation task 'nope'"),
                               ("callbacks.icl_task=x/docstring_topic.jsonl",

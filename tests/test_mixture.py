@@ -236,7 +236,7 @@ def test_weights_normalised():
 
 
 def test_tiny_run_logs_per_source_tokens_and_val_losses(compose, code_paths, tmp_path):
-    from framework.train import run
+    from framework.run import run
 
     weights = {"code": 0.51, "prose": 0.49}
     cfg = to_run_config(compose(_mixture_overrides(code_paths) + [
@@ -263,7 +263,7 @@ def test_tiny_run_logs_per_source_tokens_and_val_losses(compose, code_paths, tmp
 
 
 def test_stopped_and_resumed_mixture_run_matches_uninterrupted(compose, code_paths, tmp_path):
-    from framework.train import build_run, run
+    from framework.run import build_run, run
 
     cfg = to_run_config(compose(_mixture_overrides(code_paths, (0.3, 0.7)) + [
         "trainer.max_steps=14", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100",

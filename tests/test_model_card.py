@@ -48,11 +48,11 @@ def test_run_writes_card_export_copies_it_and_commands_use_the_run_dir(compose, 
     import torch
 
     from framework.config import to_run_config
-    from framework.evaluation.cli import main as eval_main
+    from framework.commands.eval import evaluate as eval_main
     from framework.export import export_checkpoint
-    from framework.generate import main as generate_main
+    from framework.commands.generate import generate_texts as generate_main
     from framework.scaling.flops import training_flops_per_step
-    from framework.train import run
+    from framework.run import run
 
     steps, B, T = 3, 8, 64  # data.micro_batch_size and data.seq_len of the tiny overrides
     cfg = to_run_config(compose([f"trainer.max_steps={steps}", "trainer.val_check_interval=3", "torch_threads=1",

@@ -170,7 +170,7 @@ def test_training_refuses_muon_with_deepspeed_before_any_data(compose, tmp_path)
     """``run`` raises ConfigurationError (fw-train prints it as one line, exit status 2: tests/test_configs.py)
     before data preparation would fail on the missing cache directory."""
     from framework.config import to_run_config
-    from framework.train import ConfigurationError, run
+    from framework.run import ConfigurationError, run
 
     overrides = ["optim=muon", "strategy=deepspeed_zero2_offload", "data.cache_dir=/nonexistent/cache"]
     cfg = to_run_config(compose(overrides))

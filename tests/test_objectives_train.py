@@ -12,7 +12,7 @@ from framework.catalogue import FAMILIES, OBJECTIVES
 from framework.config import to_run_config
 from framework.export import export_checkpoint, load_checkpoint
 from framework.models import build_model
-from framework.train import build_run
+from framework.run import build_run
 
 CASES = [
     ("clm", "tiny", []),
@@ -51,7 +51,7 @@ def test_objective_trains_and_exports(objective, model, extra, compose, tmp_path
 
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     out = export_checkpoint(checkpoint, tmp_path / "hf", tokenizer_path=prepared.tokenizer_path)  # build_run alone
-    # does not copy the tokenizer into the run directory (framework.train's run does)
+    # does not copy the tokenizer into the run directory (framework.run's run does)
     config, _, state, _ = load_checkpoint(checkpoint)
     ours = build_model(config).eval()
     ours.load_state_dict(state)

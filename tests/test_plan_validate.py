@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from framework import plan as plan_cli
+from framework.commands import plan as plan_cli
+from framework.scaling.experiment import write_plan
 from framework.config import to_run_config
 from framework.distributed.precision import DeviceInfo
 from framework.validate import validate
@@ -59,7 +60,7 @@ def test_written_plan_composes_validates_and_fits_its_budget(objective, budget, 
 
 
 def _trains_two_steps(objective, budget, tmp_path, compose, data_cache):
-    from framework.train import run
+    from framework.run import run
 
     planned = _write_plan(tmp_path, objective, budget)
     cfg = _compose_plan(compose, tmp_path, planned,
@@ -89,6 +90,6 @@ def test_a_plan_training_would_refuse_is_not_written(tmp_path):
     plan = make_plan(PlanRequest(budget=make_budget(flops=1e19), seq_len=1024))
     broken = dataclasses.replace(plan, seq_len=4096)  # beyond the model's max_seq_len of 1024
     with pytest.raises(ValueError, match=r"the plan would not train: data.seq_len=4096 exceeds model.max_seq_len=1024"):
-        plan_cli.write_plan(broken, "broken", tmp_path)
+        write_plan(broken, "broken", tmp_path)
     assert not (tmp_path / "experiment").exists()
-    assert plan_cli.write_plan(plan, "fine", tmp_path)["experiment"].exists()
+    assert write_plan(plan, "fine", tmp_path)["experiment"].exists()

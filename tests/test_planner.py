@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from framework import catalogue
-from framework import plan as plan_cli
+from framework.commands import plan as plan_cli
 from framework.models import build_model
 from framework.models.config import ModelConfig
 from framework.objectives.config import ObjectiveConfig
@@ -106,7 +106,7 @@ def test_strategy_is_the_cheapest_that_fits_and_time_is_consistent():
 
 def test_plan_experiment_composes_and_trains_on_cpu(tmp_path, compose, data_cache):
     from framework.config import to_run_config
-    from framework.train import run
+    from framework.run import run
 
     conf_root = tmp_path / "conf"
     rc = plan_cli.main(["--flops", "1e13", "--gpus", "1", "--precision", "fp32", "--seq-len", "64",
@@ -149,7 +149,7 @@ def test_bad_input_gets_one_sentence_and_nonzero_exit(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_module_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "framework.plan", "--pf-days", "0.5", "--objective",
+    proc = subprocess.run([sys.executable, "-m", "framework", "plan", "--pf-days", "0.5", "--objective",
                            "span_corruption", "--seq-len", "512", "--name", "t5_plan", "--conf-dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -145,7 +145,7 @@ def test_files_are_split_into_contiguous_ranges_balanced_by_bytes(tmp_path):
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("FRAMEWORK_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "framework.cli", "prepare", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "framework", "prepare", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -180,7 +180,7 @@ def test_bad_split_jobs_exit_2_with_one_sentence_and_write_nothing(tmp_path, tok
 
 def test_training_refuses_a_partially_prepared_directory(tmp_path, tokenizer_file, compose):
     from framework.config import to_run_config
-    from framework.train import ConfigurationError, run
+    from framework.run import ConfigurationError, run
 
     corpus = tmp_path / "corpus"
     write_corpus(corpus, [20, 20])
@@ -259,5 +259,5 @@ def test_slurm_script_chains_tokenizer_tasks_and_merge(tmp_path):
     for stage, args in expected.items():
         line = subprocess.run(["bash", script, "data.source=files"], env={**stage_env, "FW_PREPARE_STAGE": stage},
                               capture_output=True, text=True, check=True).stdout.strip()
-        assert line == f"-m framework.cli prepare {args}"
+        assert line == f"-m framework prepare {args}"
     assert subprocess.run(["bash", script, "0"], env=env, capture_output=True).returncode == 2

@@ -21,7 +21,7 @@ from conftest import TINY
 from framework.callbacks.preemption import PreemptionCallback
 from framework.config import to_run_config
 from framework.checkpointing.checkpoints import AtomicCheckpointIO, ResumeStateCallback, find_resume_checkpoint, safe_load
-from framework.train import run
+from framework.run import run
 from stop_at import StopAt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,8 +157,8 @@ def killed_mid_step(self, batch, batch_idx):
         os.kill(os.getpid(), signal.SIGKILL)
     return loss
 CausalLM.training_step = killed_mid_step
-from framework.train import main
-sys.argv = ["framework.train", *sys.argv[1:]]
+from framework.commands.train import main
+sys.argv = ["fw-train", *sys.argv[1:]]
 main()
 """
 

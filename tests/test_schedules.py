@@ -14,7 +14,7 @@ from conftest import TINY
 from framework.config import to_run_config
 from framework.objectives.config import OptimConfig, check_optim
 from framework.objectives.schedules import lr_lambda
-from framework.train import build_run, run
+from framework.run import build_run, run
 from stop_at import StopAt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def test_branch_past_the_constant_phase_is_refused_before_data(tmp_path):
     torch.save({"global_step": 20, "lr_schedulers": [{"_last_lr": [1e-3], "base_lrs": [1e-3]}]}, ckpt)
     cache = tmp_path / "cache"
     proc = subprocess.run(
-        [sys.executable, "-m", "framework.train", *TINY, f"data.cache_dir={cache}", f"run_dir={tmp_path / 'run'}",
+        [sys.executable, "-m", "framework", "train", *TINY, f"data.cache_dir={cache}", f"run_dir={tmp_path / 'run'}",
          "optim.schedule=wsd", "optim.decay_fraction=0.5", "trainer.max_steps=30", f"branch_from={ckpt}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -18,13 +18,13 @@ from conftest import TINY
 from framework.config import to_run_config
 from framework.checkpointing.checkpoints import find_resume_checkpoint, safe_load
 from framework.tracking.run_state import run_is_finished
-from framework.train import run
+from framework.run import run
 
 REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = ["trainer.max_steps=12", "callbacks.checkpoint_every_n_steps=4", "callbacks.keep_checkpoints=1",
              "trainer.log_every_n_steps=1", "trainer.val_check_interval=100", "data.val_windows=8", "torch_threads=1"]
 
-# `python3 -m framework.train` with one test hook: "signal" makes rank 0 send `sig` to itself inside the training
+# `python3 -m framework train` with one test hook: "signal" makes rank 0 send `sig` to itself inside the training
 # step that ends at optimizer step at+1 (after its forward pass); "kill_after_checkpoint" SIGKILLs itself right
 # after last.ckpt of step `at` is written (the last file of that step's checkpoint, before Lightning logs the
 # step). Every process writes its exit status to exit-<local rank>.txt. A file, not `python -c`: Lightning's
@@ -49,7 +49,7 @@ elif mode == "kill_after_checkpoint":
         if os.path.basename(path) == "last.ckpt" and checkpoint["global_step"] == at:
             os.kill(os.getpid(), signal.SIGKILL)
     AtomicCheckpointIO.save_checkpoint = killed_after
-from framework.train import main
+from framework.commands.train import main
 try:
     main()
 except SystemExit as exit:

@@ -1,6 +1,6 @@
 """SLURM submission and preemption against a real local SLURM (tests/slurm_cluster.py).
 
-Jobs are rendered and submitted by framework.submit exactly as ``fw-submit`` does, and run 2-task DDP on the
+Jobs are rendered and submitted by framework.cluster.submit exactly as ``fw-submit`` does, and run 2-task DDP on the
 CPU through the rendered script's ``srun``.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TINY
 from framework.checkpointing.checkpoints import find_resume_checkpoint, is_complete, safe_load
-from framework.submit import compose, submit
+from framework.cluster.submit import compose, submit
 from slurm_cluster import JOB_TIMEOUT, _free_port, slurm_cluster  # noqa: F401  (the fixture)
 from test_wandb import read_offline_run
 
@@ -41,7 +41,7 @@ def _overrides(data_cache: str, name: str, *extra: str, port: int | None = None)
 def job_env(slurm_cluster, monkeypatch):  # noqa: F811
     for key, value in slurm_cluster.env.items():
         if key == "SLURM_CONF":
-            monkeypatch.setenv(key, value)  # sbatch, called by framework.submit, finds the test cluster
+            monkeypatch.setenv(key, value)  # sbatch, called by framework.cluster.submit, finds the test cluster
     return slurm_cluster
 
 
@@ -70,7 +70,7 @@ def test_dry_run_renders_the_batch_script_from_the_config(tmp_path, data_cache):
                  "#SBATCH --gpus-per-node=2", "#SBATCH --exclusive", "#SBATCH --time=01:00:00"):
         assert line in script.splitlines(), line
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
-    assert "-m framework.train" in srun and "name=render" in srun and "cluster.nodes=3" in srun
+    assert "-m framework train" in srun and "name=render" in srun and "cluster.nodes=3" in srun
     # the rendezvous is the allocation's first node; NODE_RANK is per task (the script runs on node 0 only)
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert "export NODE_RANK=$SLURM_NODEID; exec" in srun and "export NODE_RANK" not in script.replace(srun, "")

@@ -1,6 +1,6 @@
 """Two-node SLURM jobs for real: 2 nodes x 2 tasks, DDP and FSDP2 on the CPU over gloo (tests/slurm_cluster.py).
 
-The jobs are rendered and submitted by framework.submit exactly as ``fw-submit`` does (slurm/multi_node.sbatch).
+The jobs are rendered and submitted by framework.cluster.submit exactly as ``fw-submit`` does (slurm/multi_node.sbatch).
 The two "nodes" are two slurmd on one machine (127.0.0.2 and 127.0.0.3); the ranks of both talk over ``lo``.
 
 Equality: a 4-rank DDP job ends with the same weights whether its ranks sit on one node or two. Gloo's
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from framework.checkpointing.checkpoints import checkpoint_step, find_resume_checkpoint, is_complete, safe_load
-from framework.submit import submit
+from framework.cluster.submit import submit
 from slurm_cluster import JOB_TIMEOUT, _free_port, slurm_cluster  # noqa: F401  (the fixture)
 from test_slurm import _diagnosis, _log, _overrides, _steps_and_losses
 
@@ -85,7 +85,7 @@ def _assert_rendezvous(tasks: list[dict], nodes: list[str], port: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(slurm_cluster):  # noqa: F811
-    """The test cluster, with SLURM_CONF set so that sbatch (called by framework.submit) finds it."""
+    """The test cluster, with SLURM_CONF set so that sbatch (called by framework.cluster.submit) finds it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
         yield slurm_cluster

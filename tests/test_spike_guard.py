@@ -16,7 +16,7 @@ import torch
 from conftest import TINY
 from framework.callbacks.spike_guard import SpikeGuard
 from framework.config import to_run_config
-from framework.train import build_run
+from framework.run import build_run
 
 REPO = Path(__file__).resolve().parent.parent
 GUARD = ["callbacks.spike_guard.enabled=true", "callbacks.spike_guard.window=20", "callbacks.spike_guard.min_history=10",
@@ -89,7 +89,7 @@ def test_planted_spike_is_skipped_and_nothing_changes(compose, tmp_path, plant, 
 ])
 def test_bad_guard_settings_are_refused_before_data(tmp_path, override, words):
     cache = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-m", "framework.train", *TINY, f"data.cache_dir={cache}",
+    proc = subprocess.run([sys.executable, "-m", "framework", "train", *TINY, f"data.cache_dir={cache}",
                            f"run_dir={tmp_path / 'run'}", "callbacks.spike_guard.enabled=true", override],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -124,7 +124,7 @@ class _PlantSpikes(L.Callback):
 
 @pytest.mark.slow
 def test_spikes_in_a_row_roll_back_to_the_checkpoint_before_them_and_skip_their_data(compose, tmp_path, monkeypatch):
-    import framework.train as train
+    import framework.run as train
 
     planted: set[int] = set()
     original = train.build_run

@@ -87,7 +87,7 @@ def test_inconsistent_strategy_fields_are_refused(bad, message):
 
 
 def test_training_refuses_before_building_anything(compose, tmp_path):
-    from framework.train import build_run
+    from framework.run import build_run
 
     cfg = to_run_config(compose(["strategy=deepspeed_zero3", "precision=bf16", "data.cache_dir=/nonexistent/cache"]))
     with pytest.raises(ValueError, match=r"^strategy=deepspeed_zero3 needs CUDA GPUs"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.submit import main
+from framework.commands.submit import main
 from test_slurm import _overrides
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from framework.config import to_run_config
-from framework.train import build_run, run
+from framework.run import build_run, run
 from stop_at import StopAt
 
 WORKERS = Path(__file__).resolve().parent / "workers"

@@ -57,7 +57,7 @@ def test_default_and_tiny_configs_pass(compose):
 
 
 def test_configuration_error_is_a_value_error_importable_from_train():
-    from framework.train import ConfigurationError as FromTrain
+    from framework.run import ConfigurationError as FromTrain
 
     assert FromTrain is ConfigurationError and issubclass(ConfigurationError, ValueError)
 
@@ -87,8 +87,8 @@ def test_cuda_only_pairs_pass_on_a_gpu_device(compose):
 @pytest.mark.parametrize("overrides", [["trainer.max_steps=0"], ["objective=mlm", "model=gpt2-small"],
                                        ["model.vocab_size=999"]])
 def test_run_refuses_before_any_data_is_prepared(compose, tmp_path, overrides):
-    """Through framework.train.run, as fw-train: refused with no cache directory and no run directory."""
-    from framework.train import run
+    """Through framework.run.run, as fw-train: refused with no cache directory and no run directory."""
+    from framework.run import run
 
     cache = tmp_path / "cache"
     cfg = to_run_config(compose(overrides + [f"data.cache_dir={cache}"]))
@@ -99,7 +99,7 @@ def test_run_refuses_before_any_data_is_prepared(compose, tmp_path, overrides):
 
 
 def test_build_run_validates_first(compose, tmp_path):
-    from framework.train import build_run
+    from framework.run import build_run
 
     cache = tmp_path / "cache"
     cfg = to_run_config(compose(["data.micro_batch_size=0", f"data.cache_dir={cache}"]))

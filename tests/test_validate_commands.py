@@ -28,7 +28,7 @@ def _one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-TRAIN = ["framework.train", "model=tiny", "trainer.accelerator=cpu", "data.max_documents=50"]
+TRAIN = ["framework", "train", "model=tiny", "trainer.accelerator=cpu", "data.max_documents=50"]
 
 
 @pytest.mark.parametrize("overrides,named", [
@@ -48,9 +48,9 @@ def test_train_refuses_before_any_data_is_read(tmp_path, overrides, named):
 
 def test_prepare_names_an_unknown_key_and_validates(tmp_path):
     cache = tmp_path / "cache"
-    rc, err = _run(["framework.cli", "prepare", "data.seq_lenn=64", f"data.cache_dir={cache}"], tmp_path)
+    rc, err = _run(["framework", "prepare", "data.seq_lenn=64", f"data.cache_dir={cache}"], tmp_path)
     assert rc == 2 and "data.seq_lenn is not a setting" in _one_error_line(err)
-    rc, err = _run(["framework.cli", "prepare", "model.n_layers=0", f"data.cache_dir={cache}"], tmp_path)
+    rc, err = _run(["framework", "prepare", "model.n_layers=0", f"data.cache_dir={cache}"], tmp_path)
     assert rc == 2 and "model.n_layers=0" in _one_error_line(err)
     assert not cache.exists()
 
@@ -59,7 +59,7 @@ def test_prepare_names_the_bad_json_line_and_leaves_no_directory(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "' + "a fine document " * 10 + '"}\n{"text": broken\n')
     cache = tmp_path / "cache"
-    rc, err = _run(["framework.cli", "prepare", "data.source=files", f"data.paths=[{corpus}]",
+    rc, err = _run(["framework", "prepare", "data.source=files", f"data.paths=[{corpus}]",
                     f"data.cache_dir={cache}", "data.num_proc=1"], tmp_path)
     line = _one_error_line(err)
     assert rc == 2 and str(corpus) in line and "line 2" in line
@@ -69,9 +69,9 @@ def test_prepare_names_the_bad_json_line_and_leaves_no_directory(tmp_path):
 def test_export_and_generate_name_a_missing_or_damaged_checkpoint(tmp_path):
     damaged = tmp_path / "damaged.ckpt"
     damaged.write_bytes(b"PK\x03\x04 not a zip archive")
-    for args in (["framework.export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out")],
-                 ["framework.export", str(damaged), str(tmp_path / "out")],
-                 ["framework.generate", str(damaged), "--prompt", "hello"]):
+    for args in (["framework", "export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out")],
+                 ["framework", "export", str(damaged), str(tmp_path / "out")],
+                 ["framework", "generate", str(damaged), "--prompt", "hello"]):
         rc, err = _run(args, tmp_path)
         line = _one_error_line(err)
         assert rc == 2 and args[1] in line, line
@@ -82,6 +82,6 @@ def test_export_refuses_a_non_empty_directory_without_overwrite(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("the user's file")
-    rc, err = _run(["framework.export", str(tmp_path / "any.ckpt"), str(out)], tmp_path)
+    rc, err = _run(["framework", "export", str(tmp_path / "any.ckpt"), str(out)], tmp_path)
     assert rc == 2 and "--overwrite" in _one_error_line(err)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "the user's file"

@@ -87,7 +87,7 @@ def test_mode_is_offline_without_credentials(no_credentials, monkeypatch):
 @pytest.mark.slow
 def test_offline_run_files_hold_the_metrics_and_resume_keeps_the_run_id(compose, tmp_path, no_credentials):
     from framework.config import to_run_config
-    from framework.train import run
+    from framework.run import run
 
     overrides = ["logger=wandb", "logger.wandb_project=fw-test", "logger.wandb_group=tiny-runs",
                  "logger.wandb_tags=[tiny,ci]", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",

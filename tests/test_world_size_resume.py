@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from framework.data.datamodule import PackedWindows, PretrainDataModule
-from framework.data.position import DATA_ORDER, check_resume_world_size, saved_global_position
+from framework.data.position import DATA_ORDER, check_resume_world_size, saved_global_position, upgrade_data_state
 from fake_trainer import FakeTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
@@ -114,12 +114,14 @@ def test_masked_lm_validation_batches_are_the_same_on_any_world_size(tiny_prepar
 def test_old_per_rank_positions_are_converted_or_refused(tiny_prepared):
     old = {"samples_consumed": 40, "seed": 0, "window_length": 65, "tokenizer_hash": tiny_prepared.meta["tokenizer_hash"]}
     dm = PretrainDataModule(tiny_prepared, window_length=65, micro_batch_size=4)
-    dm.trainer = FakeTrainer(0, 1, loaded={"rng_states": [{}, {}]})  # written by 2 ranks, resumed by 1
+    dm.trainer = FakeTrainer(0, 1)
+    checkpoint = {"PretrainDataModule": dict(old), "rng_states": [{}, {}]}  # written by 2 ranks, resumed by 1
+    upgrade_data_state(checkpoint)  # what the module's on_load_checkpoint does before the DataModule restores
     with pytest.warns(UserWarning, match="former per-epoch randperm order"):
-        dm.load_state_dict(old)
+        dm.load_state_dict(checkpoint["PretrainDataModule"])
     assert dm.global_samples_consumed == 80
     with pytest.warns(UserWarning):  # an old mixture checkpoint's position was already global
-        assert saved_global_position({"samples_consumed": 24, "global_position": 48}, None) == 48
+        assert saved_global_position({"samples_consumed": 24, "global_position": 48}) == 48
     dm.trainer = FakeTrainer(0, 1)
     with pytest.raises(ValueError, match="not how many ranks wrote it"):
         dm.load_state_dict(old)
@@ -132,7 +134,7 @@ def test_old_per_rank_positions_are_converted_or_refused(tiny_prepared):
 
 def test_deepspeed_checkpoint_on_another_world_size_is_refused_before_loading(compose, tmp_path):
     from framework.config import to_run_config
-    from framework.train import ConfigurationError, run
+    from framework.run import ConfigurationError, run
 
     ckpt = tmp_path / "step0000004.ckpt"  # DeepSpeed's layout: latest + <tag>/ with one optimizer partition per rank
     (ckpt / "global_step4").mkdir(parents=True)

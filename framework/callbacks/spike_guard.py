@@ -11,7 +11,7 @@ ranks) and the global gradient norm, one host synchronisation per step. The step
 A spike's gradients are dropped (``param.grad = None`` on every rank, so AdamW and Muon skip every parameter: no
 update, no moment or step-count change, no weight decay); the LR schedule and the data stream move on, as after
 any step. ``max_consecutive`` spikes in a row mean the weights themselves have gone bad: the guard then stops
-training and asks for a rollback (``rollback_requested``): ``framework.train`` restarts from the newest checkpoint
+training and asks for a rollback (``rollback_requested``): ``framework.run`` restarts from the newest checkpoint
 before the first spike of the run of spikes and skips the data window the spikes were read from.
 
 Every action is logged (``spike_guard/skipped``, ``spike_guard/zscore``) and appended to

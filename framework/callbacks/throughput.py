@@ -49,11 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from framework.catalogue import PF_DAY_FLOPS  # FLOPs in one petaFLOP/s-day
-
-
-def pf_days(flops: float) -> float:
-    return flops / PF_DAY_FLOPS
+from framework.catalogue import PF_DAY_FLOPS, pf_days  # noqa: F401  (FLOPs in one petaFLOP/s-day)
 
 
 def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float, devices: int) -> float:

@@ -144,7 +144,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def read_training_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """(hyper_parameters, the model's state dict without the ``model.`` prefix, the whole checkpoint) of a
-    single-file checkpoint written by ``framework.train``; what export, generation and continued pretraining
+    single-file checkpoint written by ``framework.run``; what export, generation and continued pretraining
     read. A sharded directory, a missing file or another program's checkpoint is refused in one sentence."""
     path = Path(path)
     if path.is_dir():

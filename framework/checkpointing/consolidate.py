@@ -20,9 +20,7 @@ Two layouts are recognised:
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +151,7 @@ def consolidate_deepspeed(path: str | Path, tag: str | None = None) -> dict[str,
     return checkpoint
 
 
-# ---------------------------------------------------------------------------------------------- entry point
+# ---------------------------------------------------------------------------------------------- one file
 def consolidate(path: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the one-file checkpoint for ``path`` to ``out`` (atomically) and return it."""
     kind = checkpoint_kind(path)
@@ -166,20 +164,3 @@ def consolidate(path: str | Path, out: str | Path) -> dict[str, Any]:
     torch.save(checkpoint, tmp)
     os.replace(tmp, out)
     return checkpoint
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fw-consolidate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a sharded checkpoint directory (FSDP or DeepSpeed)")
-    parser.add_argument("out", help="the single .ckpt file to write")
-    args = parser.parse_args(argv)
-    try:
-        checkpoint = consolidate(args.checkpoint, args.out)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"fw-consolidate: {err}")
-    print(f"wrote {args.out}: {len(checkpoint['state_dict'])} tensors, step {checkpoint.get('global_step', '?')}, "
-          f"optimizer state {'included' if checkpoint.get('optimizer_states') else 'absent'}")
-
-
-if __name__ == "__main__":
-    main()

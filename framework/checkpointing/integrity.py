@@ -32,8 +32,10 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -165,3 +167,18 @@ def check_dcp_directory(directory: Path) -> str | None:
     except Exception as err:  # a damaged pickle raises anything from EOFError to KeyError
         return f"its metadata cannot be read ({type(err).__name__})"
     return None
+
+
+# torch.load on a truncated, overwritten or foreign file
+CHECKPOINT_DAMAGE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError)
+
+
+@contextmanager
+def reading_checkpoint(path: str | Path) -> Iterator[None]:
+    """A checkpoint that torch cannot read becomes one ValueError naming the file."""
+    try:
+        yield
+    except CHECKPOINT_DAMAGE as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")[:120]
+        raise ValueError(f"{path} is damaged or not a checkpoint written by fw-train ({first}); use another "
+                         "checkpoint, e.g. an earlier <run_dir>/checkpoints/step*.ckpt.") from err

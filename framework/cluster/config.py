@@ -2,7 +2,7 @@
 
 ``cluster=local`` runs in this process (``fw-train``). ``cluster=slurm`` sets ``trainer.num_nodes`` and
 ``trainer.devices`` from ``cluster.nodes`` and ``cluster.devices_per_node`` (conf/cluster/slurm.yaml), and
-``fw-submit`` renders a batch script from these fields (framework/submit.py).
+``fw-submit`` renders a batch script from these fields (framework/cluster/submit.py).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from framework.data.mixture_schedule import MixtureSchedule
 # rank_positions and skip_positions are imported from here by the rollback and tests
 from framework.data.sampling import MixtureSampler, rank_positions, skip_positions  # noqa: F401
 from framework.data.objective_batches import batch_collator, window_length
-from framework.data.position import DATA_ORDER, loading_checkpoint_world_size, saved_global_position
+from framework.data.position import DATA_ORDER, saved_global_position
 from framework.data.prepare import PreparedData, open_tokens, shard_token_count
 
 
@@ -337,5 +337,5 @@ class PretrainDataModule(L.LightningDataModule):
         if state.get("tokenizer_hash") not in (None, self.prepared.meta["tokenizer_hash"]):
             raise ValueError("this checkpoint was trained with a different tokenizer/corpus than the configured data; "
                              "resume with the same data settings or start a new run (resume=never).")
-        self.global_samples_consumed = saved_global_position(state, loading_checkpoint_world_size(self))
+        self.global_samples_consumed = saved_global_position(state)
         self.skips = tuple(sorted({tuple(s) for s in state.get("skips", [])} | set(self.skips)))

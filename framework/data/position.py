@@ -30,13 +30,15 @@ DATA_ORDER = "feistel-v1"  # global stream; epoch e = position // n in FeistelPe
 RNG_KEY = "rng_states"  # framework.checkpointing.checkpoints.ResumeStateCallback.RNG_KEY: one entry per rank
 
 
-def saved_global_position(state: dict, checkpoint_world_size: int | None) -> int:
-    """The global stream position of a DataModule state, converting the per-rank position of older checkpoints."""
+def saved_global_position(state: dict) -> int:
+    """The global stream position of a DataModule state, converting the per-rank position of older checkpoints
+    (``upgrade_data_state`` records how many ranks wrote those)."""
     if "global_samples_consumed" in state:
         return int(state["global_samples_consumed"])
     if "global_position" in state:  # an older mixture checkpoint: its position was already global
         _warn_old_order(int(state["global_position"]))
         return int(state["global_position"])
+    checkpoint_world_size = state.get("checkpoint_world_size")
     if checkpoint_world_size is None:
         raise ValueError("this checkpoint stores its data position per rank but not how many ranks wrote it, so its "
                          "global position is unknown; start a new run (resume=never).")
@@ -51,27 +53,21 @@ def _warn_old_order(position: int) -> None:
                   "repeat or skip some of its windows once.", stacklevel=3)
 
 
-def loading_checkpoint_world_size(datamodule) -> int | None:
-    """Ranks that wrote the checkpoint Lightning is restoring (its per-rank RNG list), or None when unknown.
-
-    Lightning hands ``load_state_dict`` the DataModule's own entry only; the whole checkpoint is held by the
-    trainer's checkpoint connector while it restores (Lightning 2.x ``_CheckpointConnector._loaded_checkpoint``)."""
-    trainer = getattr(datamodule, "trainer", None)
-    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
-    states = loaded.get(RNG_KEY) if isinstance(loaded, dict) else None
-    return len(states) if states else None
-
-
 LEGACY_STATE_KEYS = ("MixtureDataModule",)  # where a mixture's data state was kept before one DataModule served all
 
 
 def upgrade_data_state(checkpoint: dict) -> None:
-    """Move a checkpoint's data state written under a former DataModule class name to ``PretrainDataModule``, the
-    key Lightning restores the DataModule from; called while the checkpoint loads, before the DataModule restores
-    (``PretrainModule.on_load_checkpoint``: Lightning calls the module's hook first)."""
+    """Bring an older checkpoint's data state to the current form, while the checkpoint loads and before the
+    DataModule restores (``PretrainModule.on_load_checkpoint``: Lightning calls the module's hook first, with the
+    whole checkpoint, while the DataModule's ``load_state_dict`` sees its own entry only): a state written under a
+    former DataModule class name moves to ``PretrainDataModule``, the key Lightning restores it from, and a per-rank
+    position gets the number of ranks that wrote it (their RNG states, one per rank)."""
     for key in LEGACY_STATE_KEYS:
         if key in checkpoint:
             checkpoint.setdefault("PretrainDataModule", checkpoint.pop(key))
+    state, ranks = checkpoint.get("PretrainDataModule"), checkpoint.get(RNG_KEY)
+    if isinstance(state, dict) and "samples_consumed" in state and ranks:
+        state.setdefault("checkpoint_world_size", len(ranks))
 
 
 def checkpoint_seq_len(ckpt: dict) -> int | None:

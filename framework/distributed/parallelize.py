@@ -105,7 +105,7 @@ def parallelize(model: nn.Module, cfg: StrategyConfig, mesh=None, param_dtype: t
 @dataclass
 class Parallelizer:
     """What ``PretrainModule.configure_model`` calls: builds the FSDP mesh from the running trainer
-    (world size, devices per node, device type) and parallelizes the model. Set by ``framework.train``."""
+    (world size, devices per node, device type) and parallelizes the model. Set by ``framework.run``."""
 
     cfg: StrategyConfig
     precision: str = "32-true"

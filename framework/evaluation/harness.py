@@ -62,8 +62,6 @@ class FrameworkLM(LM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("FrameworkLM needs checkpoint=<path to a .ckpt> (or a model object).")
-            from framework.evaluation.cli import load_for_eval
-
             model, family, special, tokenizer_obj = load_for_eval(checkpoint, tokenizer)
         self.model, self.family, self.special, self.tokenizer = model, family, dict(special), tokenizer_obj
         if device:
@@ -233,3 +231,13 @@ def evaluate_after_training(trainer, module, tokenizer, tasks: list[str], shots,
             logger.log_metrics(flat_metrics(results), step=trainer.global_step)
             logger.save()
     return results
+
+
+def load_for_eval(checkpoint: str | Path, tokenizer: str | None = None):
+    """(model, family, special ids, tokenizer) of a training checkpoint and its run directory's tokenizer."""
+    from framework.data.tokenizer import load_tokenizer
+    from framework.generate import find_tokenizer, load_checkpoint
+
+    model, hp = load_checkpoint(checkpoint)
+    tok = load_tokenizer(tokenizer or find_tokenizer(Path(checkpoint), hp.get("tokenizer_path", "")))
+    return model, hp["model_config"]["family"], hp["special_ids"], tok

@@ -50,13 +50,13 @@ class PretrainModule(L.LightningModule):
             )
         self.model = build_model(self.model_config)
         self.tokens_seen = 0  # input tokens processed by all ranks, restored on resume
-        # set by framework.train: applies the strategy's parallelism (FSDP2, activation checkpointing,
+        # set by framework.run: applies the strategy's parallelism (FSDP2, activation checkpointing,
         # compile) to self.model in configure_model; None = train the model as built
         self.parallelizer = None
-        # set by framework.train when DeepSpeed's ZeRO wraps the optimizer: AdamW then runs its foreach kernel, not
+        # set by framework.run when DeepSpeed's ZeRO wraps the optimizer: AdamW then runs its foreach kernel, not
         # the fused one (framework.objectives.optimizers.adamw_kernel), and Muon is refused
         self.optimizer_under_deepspeed = False
-        # set by framework.train: the validation sources (name, weight), one val dataloader each, in order; empty
+        # set by framework.run: the validation sources (name, weight), one val dataloader each, in order; empty
         # = one val dataloader, val/loss only
         self.val_sources: tuple[tuple[str, float], ...] = ()
         self._val_sum = torch.zeros(())

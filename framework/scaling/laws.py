@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework.catalogue import PF_DAY_FLOPS  # 8.64e19 FLOPs in one petaflop/s-day
+from framework.catalogue import PF_DAY_FLOPS, pf_days  # 8.64e19 FLOPs in one petaflop/s-day
 
 FLOPS_PER_PARAM_TOKEN = 6  # C = 6 N D (Kaplan et al. 2020 sec. 2.1; Hoffmann et al. eq. 4's constraint)
 
@@ -163,8 +163,7 @@ def pf_days_to_flops(pf_days: float) -> float:
     return pf_days * PF_DAY_FLOPS
 
 
-def flops_to_pf_days(flops: float) -> float:
-    return flops / PF_DAY_FLOPS
+flops_to_pf_days = pf_days  # framework.catalogue.pf_days
 
 
 def _check_budget(flops: float) -> None:

@@ -12,27 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from framework.catalogue import FAMILIES, OBJECTIVES, pf_days
+
 CARD_JSON = "model_card.json"
-PF_DAY_FLOPS = 1e15 * 86_400  # one petaFLOP/s-day, as in framework.callbacks.throughput (not imported: no Lightning
-# import for the export command)
-
-
-def pf_days(flops: float) -> float:
-    return flops / PF_DAY_FLOPS
-
-ARCHITECTURES = {
-    "decoder": "decoder-only transformer (GPT/Llama-style): causal self-attention with rotary positions, "
-               "pre-norm RMSNorm, SwiGLU MLP",
-    "encoder": "encoder-only transformer (BERT-style, modern pre-norm variant): bidirectional self-attention with "
-               "rotary positions, RMSNorm, SwiGLU MLP",
-    "encoder_decoder": "encoder-decoder transformer (T5 v1.1-style): bidirectional encoder, causal decoder with "
-                       "cross-attention, bucketed relative position bias, RMSNorm, SwiGLU MLP",
-}
-OBJECTIVES = {
-    "clm": "causal language modelling (next-token prediction)",
-    "mlm": "masked language modelling (BERT-style 80/10/10 masking)",
-    "span_corruption": "T5 span corruption (sentinel-marked spans reconstructed by the decoder)",
-}
 USES = {
     "clm": "text continuation with `fw-generate`, few-shot prompting, and as a starting point for fine-tuning",
     "mlm": "filling in `<mask>` tokens with `fw-generate`, and as a text encoder to fine-tune for classification "
@@ -51,6 +33,14 @@ class ModelCardInfo:
     data: dict = field(default_factory=dict)  # source, description, tokens_seen, seq_len, documents, vocab_size
     compute: dict = field(default_factory=dict)  # flops, steps, devices, accelerator, precision
     results: dict = field(default_factory=dict)  # train_loss, val_loss_nats, val_ppl, eval (harness), ...
+
+
+def _objective(name: str) -> str:
+    return OBJECTIVES[name].description if name in OBJECTIVES else name
+
+
+def _architecture(family: str) -> str:
+    return FAMILIES[family].architecture if family in FAMILIES else family
 
 
 def describe_data(data_cfg: Any, meta: dict | None = None) -> dict:
@@ -123,11 +113,11 @@ def render_model_card(info: ModelCardInfo, usage: str | None = None) -> str:
     lines = [
         f"# {info.name}",
         "",
-        f"A {family.replace('_', '-')} language model pretrained from scratch with {OBJECTIVES.get(info.objective, info.objective)}.",
+        f"A {family.replace('_', '-')} language model pretrained from scratch with {_objective(info.objective)}.",
         "",
         "## Architecture",
         "",
-        f"- {ARCHITECTURES.get(family, family)}",
+        f"- {_architecture(family)}",
         f"- {layers}, d_model {c['d_model']}, {c['n_heads']} attention heads ({c.get('n_kv_heads') or c['n_heads']} "
         f"key/value heads) of dimension {c.get('head_dim')}, SwiGLU hidden size {c.get('d_ff')}",
         f"- vocabulary {_fmt(c.get('vocab_size'))} tokens (embedding padded to "
@@ -220,7 +210,7 @@ def write_model_card(path: str | Path, info: ModelCardInfo, usage: str | None = 
 
 
 def run_card_info(name: str, module, trainer, data_cfg: Any, prepared_meta: dict, metrics: dict) -> ModelCardInfo:
-    """Card facts at the end of a training run (``framework.train.run``)."""
+    """Card facts at the end of a training run (``framework.run.run``)."""
     from framework.callbacks.throughput import ThroughputMonitor
     from framework.scaling.hardware import detect_accelerator
 

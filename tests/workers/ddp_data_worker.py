@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 from framework.config import compose  # noqa: E402
-from framework.train import build_run  # noqa: E402
+from framework.run import build_run  # noqa: E402
 
 
 class RecordBatches(L.Callback):

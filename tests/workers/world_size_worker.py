@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from framework.config import compose  # noqa: E402
-from framework.train import build_run  # noqa: E402
+from framework.run import build_run  # noqa: E402
 from stop_at import StopAt  # noqa: E402
 
 

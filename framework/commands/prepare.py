@@ -1,14 +1,14 @@
-"""Small console commands that share the training config: ``prepare``.
+"""``fw-prepare`` (= ``python3 -m framework prepare``): tokenize and shard the configured data, no training.
 
     fw-prepare [hydra overrides]                                  # tokenize and shard the configured data, no training
     fw-prepare --tokenizer-only [overrides]                       # split job, step 1: the one tokenizer
     fw-prepare --task-index I --num-tasks N [overrides]           # step 2, for every I in 0..N-1 (in parallel)
     fw-prepare --merge --num-tasks N [overrides]                  # step 3: meta.json only (the last task also merges)
 
-(``fw-prepare`` = ``python3 -m framework.cli prepare``.) The composed config passes ``framework.validate`` first
+The composed config passes ``framework.validate`` first
 (the checks fw-train runs, but the device's), so a run training would refuse is refused before tokenizing. A
 mistake a user can make (a task index out of range, a merge with tasks missing, a task without a tokenizer, a
-bad override, a key that is not a setting) is one line on stderr and exit code 2 (``framework.cli_errors``);
+bad override, a key that is not a setting) is one line on stderr and exit code 2 (``framework.commands.errors``);
 ``FRAMEWORK_TRACEBACK=1`` shows the traceback.
 """
 
@@ -19,7 +19,8 @@ import sys
 
 from hydra.errors import HydraException
 
-from framework.cli_errors import user_errors
+from framework.commands import COMMANDS
+from framework.commands.errors import user_errors
 from framework.config import compose as compose_train_config
 from framework.data.mixture import prepare_sources
 from framework.data.prepare import merge_prepared, prepare_task, prepare_tokenizer
@@ -27,7 +28,7 @@ from framework.validate import validate
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fw-prepare", description="Tokenize and shard the configured data.")
+    p = argparse.ArgumentParser(prog="fw-prepare", description=COMMANDS["prepare"])
     p.add_argument("--tokenizer-only", action="store_true", help="only create the tokenizer (step 1 of a split job)")
     p.add_argument("--task-index", type=int, help="this task's index, 0..N-1 (SLURM: $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-tasks", type=int, help="N: the number of tasks the corpus is split into")
@@ -41,7 +42,7 @@ def _usage_error(message: str) -> None:
     sys.exit(2)
 
 
-def prepare_main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if (args.task_index is None) != (args.num_tasks is None) and not (args.merge and args.num_tasks is not None):
         _usage_error("--task-index and --num-tasks go together (--merge takes --num-tasks alone).")
@@ -81,14 +82,6 @@ def _prepare(args: argparse.Namespace) -> None:
     m = prepared.meta
     print(f"data ready at {prepared.directory}: {m['tokens']['train']:,} train / {m['tokens']['val']:,} val tokens, "
           f"vocab {m['vocab_size']}, tokenizer {m['tokenizer_hash']}")
-
-
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("prepare",):
-        print("usage: python3 -m framework.cli prepare [--tokenizer-only | --task-index I --num-tasks N | "
-              "--merge --num-tasks N] [hydra overrides]", file=sys.stderr)
-        sys.exit(2)
-    prepare_main(sys.argv[2:])
 
 
 if __name__ == "__main__":

@@ -1,16 +1,13 @@
 """Mistakes a user can make, caught at a console command's boundary: one line on stderr, exit status 2, no
-traceback (``FRAMEWORK_TRACEBACK=1`` shows it). Also the one-sentence forms of errors that libraries word
-for their own developers: a Hydra override naming no setting, a damaged checkpoint file.
+traceback (``FRAMEWORK_TRACEBACK=1`` shows it). Also the one-sentence form of an error that Hydra words for its
+own developers: an override naming no setting.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import sys
-import zipfile
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 # what a bad setting, a missing or unreadable input file, or an existing output raises in this framework
@@ -37,7 +34,7 @@ def override_message(err: BaseException) -> str:
     if text.startswith("Could not override '") and cause is not None:
         key = text.split("'")[1]
         return (f"{key} is not a setting of the training config ({str(cause).splitlines()[0]}); check the spelling "
-                "against conf/ (python3 -m framework.train --cfg job lists every setting).")
+                "against conf/ (python3 -m framework train --cfg job lists every setting).")
     return text
 
 
@@ -51,18 +48,3 @@ def user_errors(prog: str = "", extra: tuple[type[BaseException], ...] = ()) -> 
             raise
         print(f"{prog + ': ' if prog else ''}error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
-
-
-# torch.load on a truncated, overwritten or foreign file
-CHECKPOINT_DAMAGE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError)
-
-
-@contextmanager
-def reading_checkpoint(path: str | Path) -> Iterator[None]:
-    """A checkpoint that torch cannot read becomes one ValueError naming the file."""
-    try:
-        yield
-    except CHECKPOINT_DAMAGE as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")[:120]
-        raise ValueError(f"{path} is damaged or not a checkpoint written by framework.train ({first}); use another "
-                         "checkpoint, e.g. an earlier <run_dir>/checkpoints/step*.ckpt.") from err

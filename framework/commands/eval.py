@@ -1,4 +1,4 @@
-"""``fw-eval``: evaluate a training checkpoint on local lm-evaluation-harness tasks, zero- to few-shot.
+"""``fw-eval`` (= ``python3 -m framework eval``): a checkpoint on local lm-evaluation-harness tasks, 0- to few-shot.
 
     fw-eval runs/default/checkpoints/last.ckpt --tasks docstring_topic,docstring_return --shots 0,1,3
     fw-eval runs/default/checkpoints/last.ckpt --tasks docstring_topic --num-fewshot 5 --limit 20
@@ -16,11 +16,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+from framework.commands import COMMANDS
 from framework.evaluation.local_tasks import check_eval_settings, parse_shots
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fw-eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fw-eval", description=COMMANDS["eval"])
     p.add_argument("checkpoint", help="a single-file .ckpt written by training (<run_dir>/checkpoints/last.ckpt)")
     p.add_argument("--tasks", required=True, help="comma-separated local task names, e.g. docstring_topic")
     shots = p.add_mutually_exclusive_group()
@@ -37,22 +38,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class UsageError(ValueError):
-    """A mistake in the command line or its files; ``cli`` prints it as one line and exits with status 2."""
+    """A mistake in the command line or its files; ``main`` prints it as one line and exits with status 2."""
 
 
 def default_out(checkpoint: Path) -> Path:
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     return run_dir / "eval" / f"{checkpoint.stem}.json"
-
-
-def load_for_eval(checkpoint: str | Path, tokenizer: str | None = None):
-    """(model, family, special ids, tokenizer) of a training checkpoint and its run directory's tokenizer."""
-    from framework.data.tokenizer import load_tokenizer
-    from framework.generate import find_tokenizer, load_checkpoint
-
-    model, hp = load_checkpoint(checkpoint)
-    tok = load_tokenizer(tokenizer or find_tokenizer(Path(checkpoint), hp.get("tokenizer_path", "")))
-    return model, hp["model_config"]["family"], hp["special_ids"], tok
 
 
 def _load(checkpoint: Path, tokenizer: str | None):
@@ -64,6 +55,8 @@ def _load(checkpoint: Path, tokenizer: str | None):
         raise UsageError(f"{checkpoint} is not a PyTorch checkpoint (not a zip archive: damaged, truncated or another "
                          "file); give a .ckpt written by training.")
     try:
+        from framework.evaluation.harness import load_for_eval
+
         return load_for_eval(checkpoint, tokenizer)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err).strip("'\"")) from err
@@ -72,7 +65,8 @@ def _load(checkpoint: Path, tokenizer: str | None):
                          ".ckpt written by training.") from err
 
 
-def main(argv: list[str] | None = None) -> dict:
+def evaluate(argv: list[str] | None = None) -> dict:
+    """The results table as a dict (also printed and written as JSON), for callers and tests."""
     args = _parser().parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:  # before the harness or the model is loaded
@@ -99,10 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def cli() -> None:
-    """Console entry point ``fw-eval``: a user's mistake is one line on stderr and exit status 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a user's mistake is one line on stderr and exit status 2."""
     try:
-        main()
+        evaluate(argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

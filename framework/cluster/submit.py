@@ -1,11 +1,12 @@
-"""Submit a training run to SLURM: compose the config, render a batch script, save both, call sbatch.
+"""Submit a training run to SLURM: compose the config, render a batch script, save both, call sbatch (the library of
+``fw-submit``, ``framework.commands.submit``).
 
     fw-submit cluster.nodes=4 cluster.devices_per_node=8 cluster.partition=gpu model=gpt2-small name=gpt2-4n
     fw-submit --dry-run name=smoke trainer.max_steps=10        # print the script, submit nothing
-    python3 -m framework.submit ...                             # the same without installing the package
+    python3 -m framework submit ...                             # the same without the console scripts
 
 The overrides are composed with conf/train.yaml exactly as ``fw-train`` would compose them (``cluster=slurm``
-is added when no cluster is named), validated, and passed unchanged to ``python -m framework.train`` inside
+is added when no cluster is named), validated, and passed unchanged to ``python -m framework train`` inside
 the script, so every task composes the same config. ``runs/<name>/`` gets ``job.sbatch`` and ``config.yaml``;
 the run directory has no timestamp, so a requeued job finds its checkpoints there and resumes.
 
@@ -16,11 +17,9 @@ submission that sbatch refuses leaves the directory as it found it. Every user e
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -28,12 +27,10 @@ from string import Template
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework.cluster.config import ClusterConfig
-from framework.config import TrainConfig, compose_config, to_run_config
+from framework.config import CONF_DIR, TrainConfig, compose_config, to_run_config
 from framework.checkpointing.run_lock import run_directory_lock
 
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
-TEMPLATE_DIR = REPO / "slurm"
+TEMPLATE_DIR = CONF_DIR.parent / "slurm"
 
 
 @dataclass
@@ -88,7 +85,7 @@ def render(cfg: TrainConfig, overrides: list[str], run_dir: Path, workdir: Path)
     if cfg.trainer.accelerator != "cpu":
         optional.append(f"#SBATCH --gpus-per-node={c.devices_per_node}")
     optional += [_sbatch_option(line) for line in c.extra_sbatch]
-    command = [c.python, "-m", "framework.train", *overrides]
+    command = [c.python, "-m", "framework", "train", *overrides]
     values = dict(
         job_name=c.job_name or cfg.name, nodes=c.nodes, ntasks_per_node=c.devices_per_node,
         cpus_per_task=c.cpus_per_task, time=c.time, output=str(run_dir / "slurm-%j.out"),
@@ -174,32 +171,3 @@ def submit(overrides: list[str], dry_run: bool = False, workdir: Path | None = N
                           "setting it names and submit again.")
     job_id = result.stdout.strip().split(";")[0]  # --parsable prints "<id>[;<cluster>]"
     return Submission(script=script, run_dir=run_dir, job_id=job_id)
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry: a user error (a bad override, no sbatch, a run directory in use, sbatch refusing the
-    script) is one line on stderr and exit status 2, with nothing written."""
-    parser = argparse.ArgumentParser(prog="fw-submit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fw-train")
-    args = parser.parse_args(argv)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        sub = submit(args.overrides, dry_run=args.dry_run)
-    except (ValueError, OSError, HydraException, OmegaConfBaseException) as err:
-        print(f"fw-submit: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
-    if args.dry_run:
-        print(sub.script)
-    else:
-        print(f"submitted job {sub.job_id}; run directory {sub.run_dir}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,14 @@
-"""Hydra entry point: compose -> validate -> build data, objective and trainer -> fit.
+"""One training run from a typed config: validate -> prepare data -> objective, DataModule, trainer -> fit -> final
+evaluation, metrics and model card.
 
-    fw-train                                  # causal LM on the embedded stdlib corpus (CPU-friendly)
-    fw-train objective=clm model=gpt2-small data.seq_len=1024 trainer.max_steps=10000
-    fw-train -m optim.lr=1e-3,3e-4            # a Hydra multirun sweep
+    from framework.config import compose
+    from framework.run import run
+    metrics = run(compose(["trainer.max_steps=20"]), "runs/example")
 
-Every rank runs this function; data preparation is guarded by a file lock, so ranks share one copy.
+``build_run`` builds what ``fit`` needs (recipes and benches start there); ``run`` holds the run directory's lock,
+resumes, handles a spike-guard rollback and a stop signal, and writes ``final_metrics.json``. The console command
+around it (Hydra, the one-line errors) is ``framework.commands.train``. Every rank runs this; data preparation is
+guarded by a file lock, so ranks share one copy.
 """
 
 from __future__ import annotations
@@ -17,12 +21,10 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
 
 from framework.adapt import load_init_weights
 from framework.branch import resolve_branch
@@ -31,8 +33,7 @@ from framework.callbacks.preemption import PreemptionCallback
 from framework.callbacks.rollback import apply_rollback, load_skips, rollback_target
 from framework.callbacks.spike_guard import SpikeGuard
 from framework.callbacks.throughput import ThroughputMonitor, pf_days
-from framework.config import CONF_DIR, TrainConfig, register_configs, resolve_model, to_run_config
-from framework.config_errors import check_command_line
+from framework.config import TrainConfig, resolve_model
 from framework.data.datamodule import PretrainDataModule
 from framework.data.mixture import prepare_sources
 from framework.data.position import check_resume_world_size
@@ -47,13 +48,13 @@ from framework.objectives import objective_class
 from framework.objectives.base import module_kwargs
 from framework.tracking.loggers import build_loggers, finish_wandb
 from framework.tracking.metrics_log import MetricsLogCallback
-from framework.tracking.run_state import finished_message, finished_metrics, run_is_finished
+from framework.tracking.run_state import finished_message, finished_metrics
 from framework.validate import ConfigurationError, validate
 
 RUN_DIR_ENV = "FRAMEWORK_RUN_DIR"  # set by rank 0 so processes it launches share its directory
 
 
-def _is_global_zero() -> bool:
+def is_global_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 and int(
         os.environ.get("LOCAL_RANK", "0")) == 0
 
@@ -73,7 +74,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     # one source, or several sampled by weight (framework.data.mixture): one DataModule either way
-    prepared = prepare_sources(cfg.data, progress=_is_global_zero())
+    prepared = prepare_sources(cfg.data, progress=is_global_zero())
 
     model_config = resolve_model(cfg.model).replace(vocab_size=prepared.vocab_size)
     module = objective_class(cfg.objective.name)(**module_kwargs(model_config, cfg.optim, cfg.objective,
@@ -115,16 +116,16 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume_from: str | None = None):
                               check_every_n_steps=cfg.cluster.preemption_check_every_n_steps)],
         plugins=checkpoint_plugins(cfg.strategy.name) + _cluster_plugins(),
         default_root_dir=str(run_dir), use_distributed_sampler=False, enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=_is_global_zero(),
+        deterministic=t.deterministic, num_sanity_val_steps=0, enable_model_summary=is_global_zero(),
     )
     return trainer, module, datamodule, prepared
 
 
 @contextmanager
-def _run_lock(run_dir: Path):
+def run_lock(run_dir: Path):
     """One job per run directory (framework.checkpointing.run_lock): global rank 0 holds it, its ranks share it."""
     try:
-        with run_directory_lock(run_dir, take=_is_global_zero()):
+        with run_directory_lock(run_dir, take=is_global_zero()):
             yield
     except RunDirectoryBusy as err:
         raise ConfigurationError(str(err)) from None
@@ -134,7 +135,7 @@ def run(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Train as configured; returns the final metrics (also written to ``run_dir/final_metrics.json``), or, when
     a signal stopped the run, ``{"step", "preempted", "requeued", "stop_signal", "exit_status"}``."""
     run_dir = Path(run_dir).resolve()
-    with _run_lock(run_dir):  # before anything is written into run_dir
+    with run_lock(run_dir):  # before anything is written into run_dir
         return _run(cfg, run_dir)
 
 
@@ -143,7 +144,7 @@ def _run(cfg: TrainConfig, run_dir: Path) -> dict:
     os.environ[RUN_DIR_ENV] = str(run_dir)
     finished = finished_metrics(run_dir, cfg.trainer.max_steps) if cfg.resume == "auto" else None
     if finished is not None:  # the same command again: change nothing
-        if _is_global_zero():
+        if is_global_zero():
             print(finished_message(run_dir, finished))
         return finished
     try:  # everything a user's settings can get wrong fails here, before any training step
@@ -242,53 +243,3 @@ def _print_summary(m: dict, run_dir: Path) -> None:
     for name in sources:
         print(f"  {name}: validation loss {m[f'val_loss_nats/{name}']:.4f} nats/token, "
               f"{m.get(f'tokens_seen/{name}', 0):,} tokens seen ({m.get(f'epochs/{name}', 0):.3g} epochs)")
-
-
-def hydra_run_dir() -> Path:
-    if os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0:
-        return Path(os.environ[RUN_DIR_ENV])  # a process launched by rank 0: share its directory
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-register_configs()
-
-
-def main() -> None:
-    """Console entry: every run the command line asks for (each point of a ``-m`` sweep) is composed first, so a
-    bad override is one line on stderr and exit code 2 before Hydra creates any directory; then Hydra runs."""
-    check_command_line(sys.argv[1:])
-    hydra_main()
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> float:
-    """Hydra's entry. A configuration error is one line on stderr and exit code 2 (FRAMEWORK_TRACEBACK=1 shows
-    the traceback); anything else propagates with its traceback."""
-    try:
-        return _main(cfg)
-    except (ConfigurationError, CheckpointWriteError) as err:  # a failed checkpoint write (full disk): status 1
-        if os.environ.get("FRAMEWORK_TRACEBACK"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigurationError) else 1)
-
-
-def _main(cfg: DictConfig) -> float:
-    run_cfg = to_run_config(cfg)
-    validate(run_cfg)  # every cross-field check, before anything is read or written
-    run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else hydra_run_dir()
-    with _run_lock(run_dir):  # a second job with this name is refused before it overwrites config.yaml
-        finished = run_cfg.resume == "auto" and run_is_finished(run_dir, run_cfg.trainer.max_steps)
-        if _is_global_zero() and not finished:  # a finished run keeps the config it ran with; run() says it is done
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        metrics = run(run_cfg, run_dir)
-    if metrics.get("exit_status"):  # stopped by a signal before the end: 128 + its number (143 for SIGTERM)
-        sys.exit(metrics["exit_status"])
-    return metrics.get("val_loss_nats", float("nan"))
-
-
-if __name__ == "__main__":
-    main()
