@@ -66,8 +66,8 @@ def _check_ranges(cfg) -> None:
     positive_int(d.shard_tokens, "data.shard_tokens", "e.g. 50000000")
     positive_int(d.prepare_chunk_bytes, "data.prepare_chunk_bytes", "e.g. 256000")
     if isinstance(d.num_proc, bool) or not isinstance(d.num_proc, int) or d.num_proc < 0:
-        raise ConfigurationError(f"data.num_proc={d.num_proc} must be >= 0: 0 tokenizes in this process with the "
-                                 "tokenizer's thread pool, N >= 1 in N processes.")
+        raise ConfigurationError(f"data.num_proc={d.num_proc} must be >= 0: 0 tokenizes here with the tokenizer's "
+                                 "thread pool, 1 here single-threaded, N >= 2 in N processes.")
     if d.max_documents < 0 or d.min_document_chars < 0:
         raise ConfigurationError(f"data.max_documents={d.max_documents} and data.min_document_chars="
                                  f"{d.min_document_chars} must be >= 0 (max_documents 0 = all documents).")

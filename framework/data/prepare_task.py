@@ -1,11 +1,21 @@
 """One preparation task: tokenize a contiguous share of the corpus into its own shards (``framework.data.shards``).
 
-Pipeline: this process reads documents and groups them into chunks of about ``data.prepare_chunk_bytes``
-characters; ``data.num_proc`` forked workers each run the tokenizer's ``encode_batch_fast`` (single-threaded) on a
-chunk and return it as two flat arrays in the shard dtype (train and validation tokens, ``<eos>`` after each
-document) with the offsets of document starts; this process writes them with one ``tofile`` per shard piece.
-At most ``2 * num_proc`` chunks are in flight, so memory is bounded by the chunk size and the worker count,
-not by the corpus (``multiprocessing.Pool.imap`` would read the whole input ahead of slow workers).
+Pipeline: documents are read and grouped into chunks of about ``data.prepare_chunk_bytes`` characters; each
+chunk is encoded with the tokenizer's ``encode_batch_fast`` and turned into two flat arrays in the shard dtype
+(train and validation tokens, ``<eos>`` after each document) with the offsets of document starts
+(``chunk_arrays``), which this process writes with one ``tofile`` per shard piece. Where the encoding runs is
+``data.num_proc``:
+
+- 0 (default): in this process, three threads overlapping (the tokenizer releases the GIL while it encodes): one
+  reads, parses and chunks documents, one encodes with the tokenizer's Rust thread pool on every usable core,
+  this one converts and writes (``framework.data.threaded``). ``TOKENIZERS_PARALLELISM`` is ``false`` after, so
+  a process forked later (DataLoader workers) does not use the pool the fork did not copy;
+- 1: in this process, single-threaded;
+- N >= 2: N forked workers, each single-threaded, are sent chunks and return the arrays.
+
+Memory is bounded by the chunk size, not by the corpus: at most ``READ_AHEAD + ENCODED_AHEAD`` chunks wait
+between the threads (num_proc 0), at most ``2 * num_proc`` chunks are in flight to workers
+(``multiprocessing.Pool.imap`` would read the whole input ahead of slow workers). Every mode writes the same bytes.
 
 Validation rule: a document is held out when the stable hash of its id says so (``sources.is_validation``),
 which does not depend on the task split. When that gives a task fewer than ``MIN_VAL_DOCUMENTS`` validation
