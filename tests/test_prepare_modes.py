@@ -78,7 +78,7 @@ def test_processes_forked_after_in_process_preparation_work(tmp_path, tokenizer_
     corpus = tmp_path / "corpus"
     write_corpus(corpus, [200])
     proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(corpus), str(tmp_path / "cache"), tokenizer_file],
-                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen, expected = map(int, proc.stdout.split())
