@@ -1,5 +1,6 @@
 """Every ``data.num_proc`` mode writes the same bytes; in-process preparation (0) leaves the process safe to
-fork (DataLoader workers), passes a reader's error on as it is, and keeps its read-ahead bounded."""
+fork (a forked child that tokenizes, DataLoader workers, fw-train), passes a reader's error on as it is, and
+keeps its read-ahead bounded."""
 
 from __future__ import annotations
 
@@ -115,3 +116,16 @@ def test_background_reads_a_bounded_distance_ahead_and_stops_when_closed():
     gen.close()
     assert threading.active_count() == before  # the producer thread has ended
     assert len(produced) < 10
+
+
+@pytest.mark.slow  # one fw-train process: prepares (tokenizer + shards) and trains with forked DataLoader workers
+def test_training_with_loader_workers_after_in_process_preparation(tmp_path):
+    from tests.conftest import TINY
+
+    overrides = [o for o in TINY if not o.startswith("data.num_proc=")]
+    proc = subprocess.run([sys.executable, "-m", "framework", "train", *overrides, "data.num_proc=0",
+                           "data.num_workers=2", "trainer.max_steps=3", f"data.cache_dir={tmp_path / 'cache'}",
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "cache").glob("*/shards/meta.json"))  # prepared here, not reused
