@@ -52,6 +52,7 @@ ENCODED_AHEAD = 2  # in-process: encoded chunks waiting for the main thread
 
 Chunk = list[tuple[str, str, "str | None"]]  # (doc_id, text, curation removal reason or None)
 
+
 # ----------------------------------------------------------------------------- encoding a chunk
 def encode_texts(tok, docs: Chunk) -> list:
     """The chunk's Encodings; ``encode_batch_fast`` skips the character offsets nothing here reads."""
@@ -78,7 +79,7 @@ def chunk_arrays(docs: Chunk, encodings: list, val_fraction: float, eos: int, dt
     return out
 
 
-# ----------------------------------------------------------------------------- worker processes (num_proc >= 1)
+# ----------------------------------------------------------------------------- worker processes (num_proc >= 2)
 _worker: dict = {}
 
 
