@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from framework.catalogue import family_spec
+from framework.catalogue import PRECISIONS, family_spec
 from framework.scaling.planner import REPO_CONF, Plan, PlanRequest
 
 MODEL_FIELDS = ("family", "d_model", "n_layers", "n_decoder_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
