@@ -1,14 +1,11 @@
-"""A plan as an experiment the train command runs as is (the library of ``fw-plan``, ``framework.commands.plan``).
+"""A plan (``framework.scaling.planner``) written as an experiment the train command runs as is: the library of
+``fw-plan`` (``framework.commands.plan``).
 
-    fw-plan --flops 1e21                                   # Besiroglu et al. 2024 law, causal LM, 8 x H100
-    fw-plan --pf-days 10 --law hoffmann2022 --objective mlm
-    fw-plan --gpu-hours 1000 --gpu H100 --mfu 0.4 --precision bf16 --gpus 16 --name my_run
-    python3 -m framework train experiment=my_run           # run the plan
-
-Prints N_opt and D_opt with the equations used, the model shape, the predicted loss, training FLOPs (6ND
-and exact), batch and steps, memory per GPU for every strategy x precision, the strategy chosen, and the
-estimated wall-clock time; writes ``<conf>/experiment/<name>.yaml`` plus ``<name>.plan.json`` and
-``<name>.plan.md`` beside it. The maths lives in ``framework.scaling``.
+``write_plan`` writes ``<conf>/experiment/<name>.yaml`` (the shape, batch, steps, strategy and precision as
+overrides), ``<name>.plan.json`` (every figure) and ``<name>.plan.md`` (the same for a reader: N_opt and D_opt with
+the equations used, training FLOPs by 6ND and exactly, memory per GPU for every strategy x precision, the time
+estimate), after the experiment has composed and passed ``framework.validate`` on the plan's GPU; a plan training
+would refuse is not written.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from framework.catalogue import family_spec
+from framework.catalogue import PRECISIONS, family_spec
 from framework.scaling.planner import REPO_CONF, Plan, PlanRequest
 
 MODEL_FIELDS = ("family", "d_model", "n_layers", "n_decoder_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
