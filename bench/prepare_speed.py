@@ -1,6 +1,6 @@
 """Preparation throughput against the tokenizer's own ceiling, and peak memory, on growing corpora.
 
-    python3 bench/prepare_speed.py --sizes-mb 10 100 1000 [--workdir DIR] [--num-proc N]
+    python3 bench/prepare_speed.py --sizes-mb 10 100 1000 [--workdir DIR] [--num-proc N] [--chunk-bytes C]
 
 Corpus: real text from this machine (``/usr/share/common-licenses``, every ``/usr/share/doc/*/copyright``,
 the packages' changelogs, gunzipped, and the Python standard library's docstrings), cut into paragraphs;
@@ -9,8 +9,9 @@ size is reached. One byte-level BPE (``data.vocab_size`` 8192) is trained once o
 every run (``data.tokenizer_path``), so only tokenization is timed.
 
 Per size:
-- framework: ``fw-prepare`` (``python3 -m framework prepare``) in a subprocess; wall time includes process
-  start and config composition, the task's own seconds (meta.json) do not;
+- framework: ``fw-prepare`` (``python3 -m framework prepare``) in a subprocess, with the default
+  ``data.num_proc`` and ``data.prepare_chunk_bytes`` unless ``--num-proc`` / ``--chunk-bytes`` are given; wall
+  time includes process start and config composition, the task's own seconds (meta.json) do not;
 - ceiling: in a fresh subprocess, the same tokenizer's ``encode_batch_fast`` (``encode_batch`` where absent) alone (``TOKENIZERS_PARALLELISM=true``:
   its Rust thread pool on the same cores) over the same documents in chunks of ``--ceiling-chunk-bytes``
   (4 MB: few synchronisation points, its best case), timing only the ``encode_batch`` calls (not reading or
@@ -187,11 +188,14 @@ def measure_ceiling(tokenizer: Path, corpus: Path, chunk_chars: int, cores: int)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_framework(tokenizer: Path, corpus: Path, cache: Path, num_proc: int, chunk_chars: int) -> dict:
+def measure_framework(tokenizer: Path, corpus: Path, cache: Path, num_proc: int | None = None,
+                      chunk_chars: int | None = None) -> dict:
+    """fw-prepare on ``corpus``; ``num_proc`` / ``chunk_chars`` None: the DataConfig defaults."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "framework", "prepare", "data.source=files", f"data.paths=[{corpus}/*.jsonl]",
-           f"data.tokenizer_path={tokenizer}", f"data.cache_dir={cache}", f"data.num_proc={num_proc}",
-           f"data.prepare_chunk_bytes={chunk_chars}"]
+           f"data.tokenizer_path={tokenizer}", f"data.cache_dir={cache}"]
+    cmd += [] if num_proc is None else [f"data.num_proc={num_proc}"]
+    cmd += [] if chunk_chars is None else [f"data.prepare_chunk_bytes={chunk_chars}"]
     proc, peak, wall = run_with_peak_rss(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"fw-prepare failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -205,8 +209,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100])
     p.add_argument("--file-mb", type=float, default=16.0, help="size of each JSONL file")
-    p.add_argument("--num-proc", type=int, default=0, help="data.num_proc (0 = the usable cores)")
-    p.add_argument("--chunk-bytes", type=int, default=256_000, help="data.prepare_chunk_bytes")
+    p.add_argument("--num-proc", type=int, default=None, help="data.num_proc (default: the framework's default)")
+    p.add_argument("--chunk-bytes", type=int, default=None,
+                   help="data.prepare_chunk_bytes (default: the framework's default)")
     p.add_argument("--ceiling-chunk-bytes", type=int, default=4_000_000,
                    help="characters per encode_batch call of the ceiling (large: its thread pool's best case)")
     p.add_argument("--repeats", type=int, default=1,
@@ -214,7 +219,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workdir", default="", help="where corpora go (default: a tmp dir, removed after)")
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
-    num_proc = args.num_proc or cores
+    from framework.data.config import DataConfig
+
+    num_proc = DataConfig.num_proc if args.num_proc is None else args.num_proc
+    chunk_bytes = DataConfig.prepare_chunk_bytes if args.chunk_bytes is None else args.chunk_bytes
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet is created
     with tempfile.TemporaryDirectory(dir=args.workdir or None) as tmp:
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tokenizer = work / "tokenizer" / "tokenizer.json"
         train_bench_tokenizer(paragraphs, tokenizer)
         print(f"{len(paragraphs):,} paragraphs, {sum(map(len, paragraphs)) / 1e6:.1f} M characters; {cores} cores, "
-              f"num_proc {num_proc}, chunk {args.chunk_bytes:,} characters", flush=True)
+              f"data.num_proc {num_proc}, chunk {chunk_bytes:,} characters", flush=True)
         print("| corpus | documents | tokens | wall (s) | task (s) | framework tokens/s/core | ceiling tokens/s/core "
               "| ratio | peak RSS, process tree (MiB) |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         rows = []
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fw, ceiling = None, None
             for r in range(args.repeats):  # alternating, so both see the same (shared) machine
                 cache = work / f"cache_{size:g}_{r}"
-                run = measure_framework(tokenizer, corpus, cache, num_proc, args.chunk_bytes)
+                run = measure_framework(tokenizer, corpus, cache, args.num_proc, args.chunk_bytes)
                 fw = run if fw is None or run["task_s"] < fw["task_s"] else {**fw, "peak_rss": max(fw["peak_rss"], run["peak_rss"])}
                 shutil.rmtree(cache)
                 c = measure_ceiling(tokenizer, corpus, args.ceiling_chunk_bytes, cores)

@@ -65,7 +65,9 @@ def _check_ranges(cfg) -> None:
     positive_int(d.text_document_chars, "data.text_document_chars", "e.g. 10000")
     positive_int(d.shard_tokens, "data.shard_tokens", "e.g. 50000000")
     positive_int(d.prepare_chunk_bytes, "data.prepare_chunk_bytes", "e.g. 256000")
-    positive_int(d.num_proc, "data.num_proc", "it is the tokenizer processes used in preparation")
+    if isinstance(d.num_proc, bool) or not isinstance(d.num_proc, int) or d.num_proc < 0:
+        raise ConfigurationError(f"data.num_proc={d.num_proc} must be >= 0: 0 tokenizes here with the tokenizer's "
+                                 "thread pool, 1 here single-threaded, N >= 2 in N processes.")
     if d.max_documents < 0 or d.min_document_chars < 0:
         raise ConfigurationError(f"data.max_documents={d.max_documents} and data.min_document_chars="
                                  f"{d.min_document_chars} must be >= 0 (max_documents 0 = all documents).")

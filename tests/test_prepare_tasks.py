@@ -201,14 +201,15 @@ MEMORY_SCRIPT = """
 import sys
 from framework.data.config import DataConfig
 from framework.data.prepare import prepare_data
-corpus, cache, tok = sys.argv[1:4]
+corpus, cache, tok, num_proc = sys.argv[1:5]
 prepare_data(DataConfig(source="files", paths=[corpus + "/*.jsonl"], tokenizer_path=tok, cache_dir=cache,
-                        num_proc=2, prepare_chunk_bytes=100_000, shard_tokens=200_000), progress=False)
+                        num_proc=int(num_proc), prepare_chunk_bytes=100_000, shard_tokens=200_000), progress=False)
 """
 MEMORY_BOUND_MB = 12  # 4x the corpus adds 6 MB of text; a pipeline that held it (or read ahead) would add more
 
 
-def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_file):
+@pytest.mark.parametrize("num_proc", [0, 2])  # in-process threads; forked workers
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_file, num_proc):
     sys.path.insert(0, str(REPO / "bench"))
     from prepare_speed import run_with_peak_rss
 
@@ -218,7 +219,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_file):
         write_corpus(corpus, [int(mb * 1e6 / 700)] * 1, seed=mb)  # ~700 bytes per document
         env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
         proc, peak, _ = run_with_peak_rss([sys.executable, "-c", MEMORY_SCRIPT, str(corpus), str(tmp_path / f"c{mb}"),
-                                           tokenizer_file], env=env, interval_s=0.02)
+                                           tokenizer_file, str(num_proc)], env=env, interval_s=0.02)
         assert proc.returncode == 0, proc.stderr
         peaks[mb] = peak / 2**20
     assert peaks[8] - peaks[2] < MEMORY_BOUND_MB, peaks

@@ -63,10 +63,13 @@ class DataConfig:
     tokenizer_train_bytes: int = 1_000_000_000
     # preparation
     cache_dir: str = "data_cache"
-    num_proc: int = 2
+    # how preparation tokenizes (framework.data.prepare_task): 0 = in this process, the tokenizer's Rust thread
+    # pool on every usable core while a thread reads ahead (the fastest; TOKENIZERS_PARALLELISM is left false
+    # after, for processes forked later); 1 = in this process, single-threaded; N >= 2 = N forked processes
+    num_proc: int = 0
     shard_tokens: int = 50_000_000  # tokens per memory-mapped shard file
-    # characters of text per chunk sent to a tokenizer process; at most 2 * num_proc chunks are in flight, which
-    # bounds preparation's memory whatever the corpus size (framework.data.prepare_task)
+    # characters of text per chunk the tokenizer encodes in one call; at most 9 chunks (num_proc 0) or 2 * num_proc
+    # (N >= 2) are in flight, which bounds preparation's memory whatever the corpus size
     prepare_chunk_bytes: int = 256_000
     # a mixture (framework.data.mixture): named sources, each prepared into its own shards with one shared
     # tokenizer, sampled by weight in tokens: 'data.sources={legal:{source:files,paths:[...]},general:{}}'

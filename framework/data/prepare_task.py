@@ -1,11 +1,21 @@
 """One preparation task: tokenize a contiguous share of the corpus into its own shards (``framework.data.shards``).
 
-Pipeline: this process reads documents and groups them into chunks of about ``data.prepare_chunk_bytes``
-characters; ``data.num_proc`` forked workers each run the tokenizer's ``encode_batch_fast`` (single-threaded) on a
-chunk and return it as two flat arrays in the shard dtype (train and validation tokens, ``<eos>`` after each
-document) with the offsets of document starts; this process writes them with one ``tofile`` per shard piece.
-At most ``2 * num_proc`` chunks are in flight, so memory is bounded by the chunk size and the worker count,
-not by the corpus (``multiprocessing.Pool.imap`` would read the whole input ahead of slow workers).
+Pipeline: documents are read and grouped into chunks of about ``data.prepare_chunk_bytes`` characters; each
+chunk is encoded with the tokenizer's ``encode_batch_fast`` and turned into two flat arrays in the shard dtype
+(train and validation tokens, ``<eos>`` after each document) with the offsets of document starts
+(``chunk_arrays``), which this process writes with one ``tofile`` per shard piece. Where the encoding runs is
+``data.num_proc``:
+
+- 0 (default): in this process, three threads overlapping (the tokenizer releases the GIL while it encodes): one
+  reads, parses and chunks documents, one encodes with the tokenizer's Rust thread pool on every usable core,
+  this one converts and writes (``framework.data.threaded``). ``TOKENIZERS_PARALLELISM`` is ``false`` after, so
+  a process forked later (DataLoader workers) does not use the pool the fork did not copy;
+- 1: in this process, single-threaded;
+- N >= 2: N forked workers, each single-threaded, are sent chunks and return the arrays.
+
+Memory is bounded by the chunk size, not by the corpus: at most ``READ_AHEAD + ENCODED_AHEAD`` chunks wait
+between the threads (num_proc 0), at most ``2 * num_proc`` chunks are in flight to workers
+(``multiprocessing.Pool.imap`` would read the whole input ahead of slow workers). Every mode writes the same bytes.
 
 Validation rule: a document is held out when the stable hash of its id says so (``sources.is_validation``),
 which does not depend on the task split. When that gives a task fewer than ``MIN_VAL_DOCUMENTS`` validation
@@ -33,13 +43,43 @@ from framework.data.config import DataConfig
 from framework.data.curation import CurationResult
 from framework.data.shards import VAL_COUNTS, ShardWriter, commit_task, task_dir_name
 from framework.data.sources import is_validation, iter_documents, task_progress_total
+from framework.data.threaded import background, rust_thread_pool
 
 MIN_VAL_DOCUMENTS = 4  # fewer hash-chosen validation documents in a task: the task's token tail joins validation
 IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker process
+READ_AHEAD = 4  # in-process (num_proc 0): chunks read ahead of the encoder thread
+ENCODED_AHEAD = 2  # in-process: encoded chunks waiting for the main thread
 
 Chunk = list[tuple[str, str, "str | None"]]  # (doc_id, text, curation removal reason or None)
 
-# ----------------------------------------------------------------------------- worker side
+
+# ----------------------------------------------------------------------------- encoding a chunk
+def encode_texts(tok, docs: Chunk) -> list:
+    """The chunk's Encodings; ``encode_batch_fast`` skips the character offsets nothing here reads."""
+    return getattr(tok, "encode_batch_fast", tok.encode_batch)([text for _, text, _ in docs], add_special_tokens=False)
+
+
+def chunk_arrays(docs: Chunk, encodings: list, val_fraction: float, eos: int, dtype: np.dtype) -> dict:
+    """A chunk of documents and their Encodings -> {"train"/"val": (tokens in the shard dtype, int64 document
+    starts, documents), "reasons": {curation reason or None: tokens incl. <eos>}, "documents_in": documents}."""
+    ids = [e.ids for e in encodings]  # each Encoding's ``ids`` builds a new Python list: read once per document
+    for doc in ids:
+        doc.append(eos)  # <eos> after every document
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(docs))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    kept = np.array([reason is None for _, _, reason in docs], dtype=bool)
+    val = np.array([is_validation(doc_id, val_fraction) for doc_id, _, _ in docs], dtype=bool)
+    reasons: dict[str | None, int] = {}
+    for (_, _, reason), n in zip(docs, lengths.tolist()):
+        reasons[reason] = reasons.get(reason, 0) + n
+    out: dict = {"reasons": reasons, "documents_in": len(docs)}
+    for split, select in (("train", kept & ~val), ("val", kept & val)):
+        chosen = lengths[select]
+        out[split] = (flat[np.repeat(select, lengths)], np.cumsum(chosen) - chosen, int(select.sum()))
+    return out
+
+
+# ----------------------------------------------------------------------------- worker processes (num_proc >= 2)
 _worker: dict = {}
 
 
@@ -49,27 +89,26 @@ def _worker_init(tokenizer_path: str, val_fraction: float, eos: int, dtype: str)
 
 
 def encode_chunk(docs: Chunk) -> dict:
-    """A chunk of documents -> {"train"/"val": (tokens in the shard dtype, int64 document starts, documents),
-    "reasons": {curation reason or None: tokens incl. <eos>}}."""
-    tok = _worker["tok"]
-    # encode_batch_fast skips the character offsets nothing here reads; each Encoding's ``ids`` builds a new
-    # Python list, so it is read once per document
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    ids = [e.ids for e in encode([text for _, text, _ in docs], add_special_tokens=False)]
-    for doc in ids:
-        doc.append(_worker["eos"])  # <eos> after every document
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(docs))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_worker["dtype"], count=int(lengths.sum()))
-    kept = np.array([reason is None for _, _, reason in docs], dtype=bool)
-    val = np.array([is_validation(doc_id, _worker["val_fraction"]) for doc_id, _, _ in docs], dtype=bool)
-    reasons: dict[str | None, int] = {}
-    for (_, _, reason), n in zip(docs, lengths.tolist()):
-        reasons[reason] = reasons.get(reason, 0) + n
-    out: dict = {"reasons": reasons, "documents_in": len(docs)}
-    for split, select in (("train", kept & ~val), ("val", kept & val)):
-        chosen = lengths[select]
-        out[split] = (flat[np.repeat(select, lengths)], np.cumsum(chosen) - chosen, int(select.sum()))
-    return out
+    """A chunk of documents -> its arrays (``chunk_arrays``), with the worker's tokenizer, single-threaded."""
+    w = _worker
+    return chunk_arrays(docs, encode_texts(w["tok"], docs), w["val_fraction"], w["eos"], w["dtype"])
+
+
+# ----------------------------------------------------------------------------- in this process (num_proc 0)
+def _encoded_in_threads(chunks: Iterator[tuple[Chunk, int]], init_args: tuple) -> Iterator[tuple[dict, int]]:
+    """Encoded chunks in input order: a thread reads, a thread encodes with the Rust thread pool, this thread
+    converts; at most ``READ_AHEAD + ENCODED_AHEAD`` (+ one in each thread) chunks in memory."""
+    tokenizer_path, val_fraction, eos, dtype = init_args
+    tok, dtype = tk.load_tokenizer(tokenizer_path), np.dtype(dtype)
+    with rust_thread_pool():
+        read = background(chunks, READ_AHEAD, "prepare-read")
+        encoded = background(((c, encode_texts(tok, c), n) for c, n in read), ENCODED_AHEAD, "prepare-encode")
+        try:
+            for chunk, encodings, chars in encoded:
+                yield chunk_arrays(chunk, encodings, val_fraction, eos, dtype), chars
+        finally:
+            encoded.close()  # stops the encoder thread first: it is the one iterating ``read``
+            read.close()
 
 
 def _chunks(docs: Iterator[tuple[str, str]], curation: CurationResult | None, chunk_chars: int,
@@ -89,8 +128,13 @@ def _chunks(docs: Iterator[tuple[str, str]], curation: CurationResult | None, ch
 
 
 def _encoded(chunks: Iterator[tuple[Chunk, int]], init_args: tuple, num_proc: int) -> Iterator[tuple[dict, int]]:
-    """Encoded chunks in input order, at most ``IN_FLIGHT_PER_WORKER * num_proc`` in flight."""
-    if num_proc <= 1:
+    """Encoded chunks in input order: in this process with the Rust thread pool (``num_proc`` 0), here
+    single-threaded (1), or in ``num_proc`` forked workers with at most ``IN_FLIGHT_PER_WORKER * num_proc`` in
+    flight."""
+    if num_proc == 0:
+        yield from _encoded_in_threads(chunks, init_args)
+        return
+    if num_proc == 1:
         _worker_init(*init_args)
         for chunk, chars in chunks:
             yield encode_chunk(chunk), chars
@@ -142,8 +186,9 @@ def run_task(cfg: DataConfig, directory: Path, tok, common: dict, task_index: in
                disable=not progress, mininterval=2.0)
     init = (str(directory / tk.TOKENIZER_FILE), cfg.val_fraction, tk.special_ids(tok).eos, dtype.name)
     chunks = _chunks(iter_documents(cfg, task_index, num_tasks), curation, cfg.prepare_chunk_bytes)
+    encoded = _encoded(chunks, init, int(cfg.num_proc))
     try:
-        for out, chars in _encoded(chunks, init, max(1, int(cfg.num_proc))):
+        for out, chars in encoded:
             for reason, n in out["reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + n
             for split in ("train", "val"):
@@ -160,6 +205,7 @@ def run_task(cfg: DataConfig, directory: Path, tok, common: dict, task_index: in
         if unit == "B":  # the JSON/markup around the text is read too: the input is done
             bar.update(total - bar.n)
     finally:
+        encoded.close()  # stops the worker processes or threads, also when writing failed
         bar.close()
         for w in writers.values():
             w.close()
