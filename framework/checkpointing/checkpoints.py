@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from framework.checkpointing.integrity import safe_load, sidecar, write_sidecar
+from framework.checkpointing.integrity import fsync_path, safe_load, sidecar, write_sidecar
 from framework.checkpointing.resume import (  # noqa: F401  (the discovery API, re-exported)
     LIGHTNING_META, STEP_PATTERN, TMP_SUFFIX, checkpoint_step, find_resume_checkpoint, is_complete,
     prune_step_checkpoints, resolve_resume, scan_checkpoints)
@@ -72,16 +72,11 @@ def state_nbytes(obj: Any) -> int:
 
 
 def _fsync_dir(directory: Path) -> None:
+    """Best effort: a file system that cannot sync a directory still keeps the checkpoint."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        fsync_path(directory)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 class _HashingWriter:

@@ -68,6 +68,15 @@ def read_checksums(listing: Path) -> dict[str, set[str]]:
     return digests
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a directory's entries (a rename into it), to disk; an OSError propagates."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:

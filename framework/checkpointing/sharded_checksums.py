@@ -17,7 +17,6 @@ removes the partial directory and raises ``CheckpointWriteError`` (one sentence,
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import lightning as L
 import torch
 
 from framework.checkpointing.checkpoints import CheckpointWriteError, state_nbytes
-from framework.checkpointing.integrity import INCOMPLETE, file_sha256, manifest_files, write_manifest
+from framework.checkpointing.integrity import INCOMPLETE, file_sha256, fsync_path, manifest_files, write_manifest
 
 
 def _gather(local: dict, world_size: int) -> dict:
@@ -94,7 +93,7 @@ class ShardedChecksums(L.Callback):
             if strategy.is_global_zero:
                 write_manifest(path, digests)
                 (path / INCOMPLETE).unlink()
-                _fsync(path)
+                fsync_path(path)
             strategy.barrier("checksums-done")
 
         strategy.save_checkpoint = save_checkpoint
@@ -114,10 +113,3 @@ def _writes_directories(strategy: Any) -> bool:
         return True
     return type(strategy).__name__ == "DeepSpeedStrategy"
 
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

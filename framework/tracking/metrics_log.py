@@ -37,6 +37,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from framework.checkpointing.checkpoints import CheckpointWriteError, _size
+from framework.checkpointing.integrity import fsync_path
 
 
 class MetricsWriteError(CheckpointWriteError):
@@ -53,14 +54,6 @@ class MetricsWriteError(CheckpointWriteError):
         reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
         return cls(f"could not write the metrics log {path} ({reason}): {free} is free there; its earlier rows and "
                    f"the checkpoints are intact, so free some space and run the same command to resume.")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _AppendingCSVWriter(ExperimentWriter):
@@ -83,7 +76,7 @@ class _AppendingCSVWriter(ExperimentWriter):
         try:
             super().save()
             if durable and os.path.isfile(path):
-                _fsync(path)
+                fsync_path(path)
         except (OSError, MetricsWriteError) as err:
             self.metrics_keys = keys  # the header on disk (a wider one may not have been written)
             self._cut_back(size)
