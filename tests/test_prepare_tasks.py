@@ -142,6 +142,32 @@ def test_files_are_split_into_contiguous_ranges_balanced_by_bytes(tmp_path):
     assert [len(p) for p in parts] == [3, 1, 3]  # 300 / 700 / 500 bytes: the big file is a task of its own
 
 
+def test_document_ids_do_not_depend_on_where_the_corpus_lives_or_the_task_split(tmp_path):
+    """The split is a hash of document ids: the same corpus under two directories (as a directory entry, a glob
+    and a .gz copy) has the same ids, and three tasks give the one-job ids, text pieces included."""
+    import gzip
+    import shutil
+
+    for root in ("a/deep/place", "b"):
+        write_corpus(tmp_path / root / "jsonl", [5, 7], seed=1)
+        (tmp_path / root / "book.txt").write_text("\n\n".join(" ".join(WORDS[: 5 + k]) for k in range(40)))
+    with open(tmp_path / "b" / "book.txt", "rb") as src, gzip.open(tmp_path / "b" / "book.txt.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (tmp_path / "b" / "book.txt").unlink()
+
+    def ids(paths: list[str], num_tasks: int = 1) -> list[str]:
+        cfg = DataConfig(source="files", paths=paths, text_document_chars=300, min_document_chars=1)
+        return [doc_id for t in range(num_tasks) for doc_id, _ in iter_documents(cfg, t, num_tasks)]
+
+    one_job = ids([str(tmp_path / "a/deep/place")])
+    pieces = [i for i in one_job if i.startswith("file:book.txt#")]
+    assert len(one_job) == 12 + len(pieces) and len(set(one_job)) == len(one_job) and len(pieces) > 10  # <= 300 chars
+    assert "file:jsonl/part_001.jsonl:6" in one_job and "file:book.txt#10" in one_job
+    assert ids([str(tmp_path / "b")]) == one_job  # moved, and the book gzipped
+    assert ids([str(tmp_path / "a/deep/place/*")]) == one_job  # a glob's names start after its fixed part
+    assert ids([str(tmp_path / "a/deep/place")], num_tasks=3) == one_job
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("FRAMEWORK_TRACEBACK", None)

@@ -9,6 +9,7 @@ so each objective's tokens are appended after id 50255.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -20,6 +21,7 @@ import torch
 
 from framework.data.config import DataConfig
 from framework.data.prepare import open_tokens, prepare_data
+from framework.data.prepare_task import MIN_VAL_DOCUMENTS
 from framework.data.sources import is_validation, iter_documents
 from framework.data.tokenizer import NUM_SENTINELS
 
@@ -73,8 +75,19 @@ def _cfg(tmp_path, tokenizer_path, objective: str, corpus: Path) -> DataConfig:
                       special_tokens_for=objective, cache_dir=str(tmp_path / "cache"), num_proc=1, val_fraction=0.1)
 
 
-def _train_docs(cfg: DataConfig) -> list[str]:
-    return [text for doc_id, text in iter_documents(cfg) if not is_validation(doc_id, cfg.val_fraction)]
+def _expected_train_stream(cfg: DataConfig, encode, eos: int) -> np.ndarray:
+    """The training stream the split rule gives: hash-chosen training documents, each encoded + <eos>; when fewer
+    than MIN_VAL_DOCUMENTS documents are hash-chosen for validation, the stream's tail joins validation so that it
+    holds val_fraction of the tokens (framework.data.prepare_task)."""
+    parts: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    for doc_id, text in iter_documents(cfg):
+        parts[is_validation(doc_id, cfg.val_fraction)].append(np.array(encode(text) + [eos]))
+    train = np.concatenate(parts[False])
+    val_tokens = sum(len(a) for a in parts[True])
+    if len(parts[True]) < MIN_VAL_DOCUMENTS:
+        take = min(max(math.ceil(cfg.val_fraction * (len(train) + val_tokens)) - val_tokens, 0), len(train) - 1)
+        train = train[: len(train) - take]
+    return train
 
 
 def test_gpt2_clm_shards_are_tiktokens_gpt2_ids(gpt2_ranks, gpt2_dir, tmp_path, corpus):
@@ -92,7 +105,7 @@ def test_gpt2_clm_shards_are_tiktokens_gpt2_ids(gpt2_ranks, gpt2_dir, tmp_path, 
                                                       "aliased_to_eos": False}
     enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(gpt2_ranks)),
                             special_tokens={})
-    expected = np.concatenate([np.array(enc.encode_ordinary(t) + [50256]) for t in _train_docs(cfg)])
+    expected = _expected_train_stream(cfg, enc.encode_ordinary, 50256)
     stream = np.concatenate([open_tokens(p, prepared.dtype) for p in prepared.shards("train")])
     assert stream.tolist() == expected.tolist()
     assert enc.encode_ordinary("Hello world")[:2] == [15496, 995]  # GPT-2's published ids
@@ -190,7 +203,8 @@ def test_gpt2_export_loads_in_transformers_with_the_same_ids(mlm_prepared, tmp_p
 
 
 def test_a_vocabulary_over_65536_uses_uint32_shards(tmp_path):
-    """70,000 words + the appended <eos> (id 70000): shards are uint32 and hold the word ids unchanged."""
+    """70,000 words + the appended <eos> (id 70000): shards are uint32 and hold the word ids unchanged. No document
+    is hash-chosen for validation at val_fraction 0.05, so validation is the training stream's tail."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = [f"w{i}" for i in range(70_000)]
@@ -201,12 +215,15 @@ def test_a_vocabulary_over_65536_uses_uint32_shards(tmp_path):
     docs = [rng.integers(60_000, 70_000, size=50) for _ in range(40)]
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": " ".join(words[i] for i in d)}) for d in docs))
     cfg = DataConfig(source="files", paths=[str(tmp_path / "docs.jsonl")], tokenizer_path=str(tmp_path / "words.json"),
-                     cache_dir=str(tmp_path / "cache"), num_proc=1, val_fraction=0.2)
+                     cache_dir=str(tmp_path / "cache"), num_proc=1, val_fraction=0.05)
     prepared = prepare_data(cfg, progress=False)
     assert prepared.dtype == np.uint32 and prepared.vocab_size == 70_001 and prepared.special_ids().eos == 70_000
     stream = np.concatenate([open_tokens(p, prepared.dtype) for p in prepared.shards("train")])
-    expected = np.concatenate([np.array(tok.encode(t).ids + [70_000]) for t in _train_docs(cfg)])
+    expected = _expected_train_stream(cfg, lambda t: tok.encode(t).ids, 70_000)
     assert stream.tolist() == expected.tolist() and stream.max() >= 65_536
+    val = np.concatenate([open_tokens(p, prepared.dtype) for p in prepared.shards("val")])
+    assert len(val) == math.ceil(0.05 * 40 * 51)  # 40 documents of 50 words + <eos>: the tail moved to validation
+    assert np.concatenate([stream, val]).tolist() == [t for d in docs for t in d.tolist() + [70_000]]
 
 
 def test_bad_tokenizers_are_one_sentence_and_leave_no_cache(tmp_path):

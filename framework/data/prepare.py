@@ -41,7 +41,7 @@ from framework.data.shards import format_task_list, merge_tasks, missing_tasks, 
 from framework.data.shards import unigram_entropy  # noqa: F401  (re-exported: callers import it from here)
 from framework.data.sources import is_validation, iter_documents, source_fingerprint
 
-FORMAT_VERSION = 2  # 2: shards in per-task directories with a document index (1: shards/ held them directly)
+FORMAT_VERSION = 3  # 3: file document ids relative to their data.paths entry (2: absolute; 1: no per-task dirs)
 
 
 class PreparedView:

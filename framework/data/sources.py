@@ -133,22 +133,45 @@ def license_fingerprint(common_dir: str = COMMON_LICENSES, doc_dir: str = PACKAG
 
 
 # --------------------------------------------------------------------------- local files
-def _expand(paths: list[str]) -> list[Path]:
+CorpusFile = tuple[Path, str]  # a corpus file and its name in document ids (``_corpus_name``)
+
+
+def _entry_root(pattern: str) -> Path:
+    """What a ``data.paths`` entry's file names are relative to: the part before the first glob character; a
+    directory itself; a file's parent."""
+    parts = Path(pattern).parts
+    if any(glob.has_magic(part) for part in parts):
+        return Path(*itertools.takewhile(lambda part: not glob.has_magic(part), parts) or ["."])
+    return Path(pattern) if Path(pattern).is_dir() else Path(pattern).parent
+
+
+def _corpus_name(path: Path, root: Path) -> str:
+    """``path`` relative to its entry's root, without a compression suffix: document ids, and so the split, do
+    not depend on where the corpus lives (a moved or remounted corpus, pytest's temporary directories), and a
+    corpus and its .gz have the same ids."""
+    name = Path(os.path.relpath(path, root)).as_posix()
+    compression = readers.split_name(path)[1]
+    return name[: -len(compression)] if compression else name
+
+
+def _expand(paths: list[str]) -> list[CorpusFile]:
     """Every corpus file the patterns name, in order: a pattern's matches sorted; a directory's files sorted (only
     those of a known format, ``readers.FORMATS`` possibly compressed; a ``save_to_disk`` directory: its Arrow
-    files in row order)."""
-    out: list[Path] = []
+    files in row order); each with its name relative to the entry (``_corpus_name``)."""
+    out: list[CorpusFile] = []
     for pattern in paths:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        pattern = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             raise FileNotFoundError(
                 f"data.paths entry {pattern!r} matches no file; give existing .txt/.md/.jsonl/.json/.parquet files "
                 "(.gz/.zst/.bz2/.xz allowed), directories of them, or globs."
             )
+        root = _entry_root(pattern)
         for m in matches:
             p = Path(m)
             if readers.is_saved_dataset(p):
-                out.extend(readers.saved_dataset_files(p))
+                found = list(readers.saved_dataset_files(p))
             elif p.is_dir():
                 found = sorted(q for q in p.rglob("*") if q.is_file() and readers.split_name(q)[0] in readers.FORMATS
                                and not q.name.startswith("."))
@@ -156,22 +179,16 @@ def _expand(paths: list[str]) -> list[Path]:
                     raise ValueError(f"directory {p} holds no corpus files (.txt, .md, .jsonl, .json, .parquet, "
                                      "optionally .gz/.zst/.bz2/.xz, or a datasets save_to_disk directory); "
                                      "point data.paths at the files.")
-                out.extend(found)
             else:
-                out.append(p)
+                found = [p]
+            out.extend((q, _corpus_name(q, root)) for q in found)
     return out
 
 
-def _doc_id(path: Path) -> str:
-    """``file:<path without its compression suffix>``: a corpus and its .gz have the same ids (the same split)."""
-    compression = readers.split_name(path)[1]
-    return f"file:{str(path)[: -len(compression)] if compression else path}"
-
-
-def _readable(files: list[Path]) -> list[Path]:
+def _readable(files: list[CorpusFile]) -> list[CorpusFile]:
     """``files`` without the ones that are not UTF-8 text, which are named in one warning that counts them."""
     keep, skipped = [], []
-    for path in files:
+    for path, name in files:
         fmt = readers.split_name(path)[0]
         if fmt not in readers.FORMATS:
             raise ValueError(f"cannot read {path}: data files must be .txt, .md, .jsonl, .json, .parquet "
@@ -179,10 +196,10 @@ def _readable(files: list[Path]) -> list[Path]:
         if path.stat().st_size == 0:
             raise ValueError(f"{path} is empty; remove it from data.paths (or its directory).")
         reason = readers.not_text_reason(path) if fmt in readers.TEXT | readers.JSONL | {".json"} else None
-        (keep if reason is None else skipped).append((path, reason))
+        (keep if reason is None else skipped).append((path, name, reason))
     if skipped:
-        size = sum(p.stat().st_size for p, _ in skipped)
-        names = ", ".join(f"{p} ({why})" for p, why in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        size = sum(p.stat().st_size for p, _, _ in skipped)
+        names = ", ".join(f"{p} ({why})" for p, _, why in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         message = (f"skipped {len(skipped)} of {len(files)} corpus files ({size:,} bytes) that are not UTF-8 text: "
                    f"{names}; convert them to UTF-8 (e.g. iconv -f latin1 -t utf-8) to train on them")
         if message not in _WARNED:  # once per process: the corpus is read twice (tokenizer, shards)
@@ -191,19 +208,20 @@ def _readable(files: list[Path]) -> list[Path]:
     if not keep:
         raise ValueError(f"none of the {len(files)} files in data.paths is UTF-8 text (e.g. {files[0]}); "
                          "convert them to UTF-8.")
-    return [p for p, _ in keep]
+    return [(p, name) for p, name, _ in keep]
 
 
 _WARNED: set[str] = set()
 
 
-def file_documents(paths: list[str], text_field: str, min_chars: int,
-                   text_document_chars: int = 10_000) -> Iterator[Document]:
-    """Documents of local files: a text file split into documents of at most ``text_document_chars``
-    (``readers.text_documents``), a JSON(L) object or a Parquet/Arrow row one document each."""
-    for path in _readable(_expand(paths)):
+def file_documents(files: list[CorpusFile], text_field: str, min_chars: int,
+                   text_document_chars: int) -> Iterator[Document]:
+    """Documents of local files (``_expand``): a text file split into documents of at most ``text_document_chars``
+    (``readers.text_documents``), a JSON(L) object or a Parquet/Arrow row one document each. Ids are
+    ``file:<name>`` (a whole text file), ``file:<name>#<piece>`` or ``file:<name>:<row>``."""
+    for path, name in _readable(files):
         fmt = readers.split_name(path)[0]
-        doc_id = _doc_id(path)
+        doc_id = f"file:{name}"
         if fmt in readers.TEXT:
             with readers.open_text(path) as f:
                 pieces = readers.text_documents(f, text_document_chars)
@@ -240,10 +258,9 @@ def _field(row: dict, text_field: str, where: Path) -> str:
 
 
 # --------------------------------------------------------------------------- datasets hub
-def hub_documents(name: str, config: str, split: str, streaming: bool, text_field: str, min_chars: int,
-                  max_documents: int) -> Iterator[Document]:
+def load_hub(name: str, config: str, split: str, streaming: bool):
     """A ``datasets`` hub name, or a local directory: one written by ``save_to_disk`` (``load_from_disk``) or a
-    folder of Parquet/JSONL files (``load_dataset`` infers the format)."""
+    folder of Parquet/JSONL files (``load_dataset`` infers the format); one sentence when it cannot be loaded."""
     import datasets
 
     local = Path(name).expanduser()
@@ -253,21 +270,33 @@ def hub_documents(name: str, config: str, split: str, streaming: bool, text_fiel
             if split not in ds:
                 raise ValueError(f"{local} is a saved DatasetDict with splits {list(ds)}; set data.hub_split to one.")
             ds = ds[split]
-    else:
-        try:
-            ds = datasets.load_dataset(str(local) if local.is_dir() else name, config or None, split=split,
-                                       streaming=streaming)
-        except (ConnectionError, FileNotFoundError) as err:  # offline, a typo, a private or missing dataset
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
-            raise ValueError(f"data.hub_name={name!r} cannot be loaded ({reason}); check the name and the network "
-                             "(or HF_DATASETS_OFFLINE with a cached copy), or give a local save_to_disk or Parquet "
-                             "directory.") from err
-    for i, row in enumerate(ds):
+        return ds
+    try:
+        return datasets.load_dataset(str(local) if local.is_dir() else name, config or None, split=split,
+                                     streaming=streaming)
+    except (ConnectionError, FileNotFoundError) as err:  # offline, a typo, a private or missing dataset
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        raise ValueError(f"data.hub_name={name!r} cannot be loaded ({reason}); check the name and the network "
+                         "(or HF_DATASETS_OFFLINE with a cached copy), or give a local save_to_disk or Parquet "
+                         "directory.") from err
+
+
+def hub_documents(name: str, config: str, split: str, streaming: bool, text_field: str, min_chars: int,
+                  max_documents: int) -> Iterator[Document]:
+    """The rows of ``load_hub``'s dataset, ids ``hub:<name>:<config>:<split>:<row>``."""
+    prefix = _hub_prefix(name, config, split)
+    for i, row in enumerate(load_hub(name, config, split, streaming)):
         if max_documents and i >= max_documents:
             break
         text = row.get(text_field) or ""
         if len(text) >= min_chars:
-            yield f"hub:{name}:{config}:{split}:{i}", text
+            yield f"{prefix}:{i}", text
+
+
+def _hub_prefix(name: str, config: str, split: str) -> str:
+    """``hub:<name>:<config>:<split>``; a local directory by its own name, not where it lives."""
+    local = Path(name).expanduser()
+    return f"hub:{local.name if local.exists() else name}:{config}:{split}"
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -286,7 +315,8 @@ def iter_documents(cfg: DataConfig, task_index: int = 0, num_tasks: int = 1) -> 
     elif cfg.source == "files":
         if not cfg.paths:
             raise ValueError("data.source=files needs data.paths=[...] (text, JSONL or Parquet files).")
-        docs = file_documents(list(cfg.paths), cfg.text_field, cfg.min_document_chars, cfg.text_document_chars)
+        docs = file_documents(_expand(list(cfg.paths)), cfg.text_field, cfg.min_document_chars,
+                              cfg.text_document_chars)
     elif cfg.source == "hub":
         if not cfg.hub_name:
             raise ValueError("data.source=hub needs data.hub_name=<a datasets hub name>.")
@@ -321,10 +351,12 @@ def partition_files(files: list[Path], task_index: int, num_tasks: int) -> list[
     return mine
 
 
-def task_files(cfg: DataConfig, task_index: int, num_tasks: int) -> list[Path]:
+def task_files(cfg: DataConfig, task_index: int, num_tasks: int) -> list[CorpusFile]:
     if not cfg.paths:
         raise ValueError("data.source=files needs data.paths=[...] (text, JSONL or Parquet files).")
-    return partition_files(_expand(list(cfg.paths)), task_index, num_tasks)
+    files = _expand(list(cfg.paths))
+    mine = set(partition_files([path for path, _ in files], task_index, num_tasks))
+    return [(path, name) for path, name in files if path in mine]
 
 
 def _task_documents(cfg: DataConfig, task_index: int, num_tasks: int) -> Iterator[Document]:
@@ -335,7 +367,7 @@ def _task_documents(cfg: DataConfig, task_index: int, num_tasks: int) -> Iterato
         files = task_files(cfg, task_index, num_tasks)
         if not files:
             return iter(())
-        return file_documents([glob.escape(str(p)) for p in files], cfg.text_field, cfg.min_document_chars)
+        return file_documents(files, cfg.text_field, cfg.min_document_chars, cfg.text_document_chars)
     if cfg.source == "hub":
         return _hub_task_documents(cfg, task_index, num_tasks)
     docs = list(iter_documents(cfg))  # the embedded sources: a few MB, their documents counted in memory
@@ -350,15 +382,13 @@ def _hub_task_documents(cfg: DataConfig, task_index: int, num_tasks: int) -> Ite
     if cfg.streaming:
         raise ValueError("a streaming datasets source cannot be split into tasks (its length is unknown); set "
                          "data.streaming=false (downloaded once, memory-mapped) or use --num-tasks 1.")
-    import datasets
-
-    ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=cfg.hub_split)
+    ds = load_hub(cfg.hub_name, cfg.hub_config, cfg.hub_split, streaming=False)
     if cfg.max_documents:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
     start, end = contiguous_range(len(ds), task_index, num_tasks)
     shard = ds.shard(num_shards=num_tasks, index=task_index, contiguous=True)
     assert len(shard) == end - start, "datasets.Dataset.shard changed its contiguous split"
-    prefix = f"hub:{cfg.hub_name}:{cfg.hub_config}:{cfg.hub_split}"
+    prefix = _hub_prefix(cfg.hub_name, cfg.hub_config, cfg.hub_split)
     for i, row in enumerate(shard, start=start):
         text = row.get(cfg.text_field) or ""
         if len(text) >= cfg.min_document_chars:
@@ -368,7 +398,7 @@ def _hub_task_documents(cfg: DataConfig, task_index: int, num_tasks: int) -> Ite
 def task_progress_total(cfg: DataConfig, task_index: int, num_tasks: int) -> tuple[int | None, str]:
     """What a task's progress bar counts: input bytes (files) or documents, and the total when knowable."""
     if cfg.source == "files":
-        return sum(p.stat().st_size for p in task_files(cfg, task_index, num_tasks)), "B"
+        return sum(p.stat().st_size for p, _ in task_files(cfg, task_index, num_tasks)), "B"
     if cfg.source in ("stdlib", "licenses"):
         n = len(list(iter_documents(cfg))) if cfg.source == "licenses" else len(_stdlib_documents(cfg.min_document_chars))
         n = min(n, cfg.max_documents) if cfg.max_documents else n
@@ -388,7 +418,7 @@ def source_fingerprint(cfg: DataConfig) -> dict:
         fp["files"] = license_fingerprint()
         fp["max_chars"] = LICENSE_MAX_CHARS
     elif cfg.source == "files":
-        fp["files"] = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in _expand(list(cfg.paths))]
+        fp["files"] = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p, _ in _expand(list(cfg.paths))]
         for path, size, _ in fp["files"]:  # refused before a cache directory exists (fw-prepare, fw-train)
             if size == 0:
                 raise ValueError(f"{path} is empty; remove it from data.paths (or its directory).")
