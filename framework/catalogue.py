@@ -73,22 +73,25 @@ def family_spec(name: str) -> FamilySpec:
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """An objective: the family it trains, the conf/model preset it picks by default, the special-token roles its
-    batches need (``framework.data.tokenizer``) and a one-line description (model card, plans)."""
+    batches need (``framework.data.tokenizer``), a one-line description (model card, plans) and its LightningModule
+    (``module:Class`` in ``framework.objectives``, loaded on first use)."""
 
     name: str
     family: str
     default_model: str
     special_roles: tuple[str, ...]
     description: str
+    lightning_module: str
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {o.name: o for o in (
     ObjectiveSpec("clm", "decoder", "small-cpu", ("eos",),
-                  "causal language modelling (next-token prediction)"),
+                  "causal language modelling (next-token prediction)", "clm:CausalLM"),
     ObjectiveSpec("mlm", "encoder", "bert-small-cpu", ("eos", "pad", "mask"),
-                  "masked language modelling (15% of tokens selected; 80/10/10 mask/random/keep)"),
+                  "masked language modelling (15% of tokens selected; 80/10/10 mask/random/keep)", "mlm:MaskedLM"),
     ObjectiveSpec("span_corruption", "encoder_decoder", "t5-small-cpu", ("eos", "pad", "sentinels"),
-                  "T5 span corruption (sentinel-marked spans reconstructed by the decoder)"),
+                  "T5 span corruption (sentinel-marked spans reconstructed by the decoder)",
+                  "span_corruption:SpanCorruption"),
 )}
 
 

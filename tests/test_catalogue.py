@@ -58,9 +58,13 @@ def test_precision_files_select_the_catalogue_mode(option):
 def test_every_family_is_registered_and_every_objective_trains_one():
     assert set(REGISTRY) == set(FAMILIES)
     assert all(REGISTRY[name].traits is FAMILIES[name] for name in FAMILIES)
+    from framework.objectives import PretrainModule, objective_class
+
     for objective in OBJECTIVES.values():
         assert objective.family in FAMILIES, objective.name
         assert PRESETS[objective.default_model]["family"] == objective.family, objective.name
+        module = objective_class(objective.name)
+        assert issubclass(module, PretrainModule) and objective.lightning_module.endswith(f":{module.__name__}")
     assert {spec.generates for spec in FAMILIES.values()} <= set(GENERATION_MODES)
     assert set(TINY) == set(FAMILIES)  # a tiny preset per family for the tests below
     with pytest.raises(ValueError, match="no model is registered for family 'mamba'"):

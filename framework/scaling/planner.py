@@ -24,6 +24,7 @@ from typing import Any
 
 from framework.catalogue import OBJECTIVES, PRECISIONS, STRATEGIES, family_spec
 from framework.models.config import ModelConfig
+from framework.objectives.config import ObjectiveConfig
 from framework.scaling import flops as flops_mod
 from framework.scaling import laws
 from framework.scaling.hardware import PRECISION_DTYPE, get_accelerator, peak_flops
@@ -31,9 +32,7 @@ from framework.scaling.memory import GB, MemoryEstimate, estimate_memory
 from framework.scaling.shapes import BudgetTooSmall, search_shape
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
-# the objectives' defaults (framework.objectives.config.ObjectiveConfig; importing it would load Lightning):
-MASK_PROBABILITY = 0.15  # BERT (Devlin et al. 2019, sec. 3.1)
-NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH = 0.15, 3.0  # T5 (Raffel et al. 2020, sec. 3.1.4)
+OBJECTIVE_DEFAULTS = ObjectiveConfig()  # a plan trains with the objectives' default masking and span settings
 USABLE_MEMORY_FRACTION = 0.9  # of each GPU's memory; the rest is CUDA context, fragmentation, temporaries
 
 
@@ -97,9 +96,10 @@ def sequence_lengths(objective: str, seq_len: int) -> tuple[int | None, int | No
     if objective == "span_corruption":
         from framework.data.collators import random_spans_helper
 
-        return random_spans_helper(seq_len, NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH)[1], None
+        return random_spans_helper(seq_len, OBJECTIVE_DEFAULTS.noise_density,
+                                   OBJECTIVE_DEFAULTS.mean_noise_span_length)[1], None
     if objective == "mlm":
-        return None, max(1, round(MASK_PROBABILITY * seq_len))
+        return None, max(1, round(OBJECTIVE_DEFAULTS.mask_probability * seq_len))
     return None, None
 
 
@@ -111,7 +111,8 @@ def _plannable_seq_len(req: "PlanRequest", notes: list[str]) -> int:
     from framework.data.tokenizer import NUM_SENTINELS
     from framework.validate import max_span_corruption_seq_len
 
-    longest = max_span_corruption_seq_len(NUM_SENTINELS, NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH)
+    longest = max_span_corruption_seq_len(NUM_SENTINELS, OBJECTIVE_DEFAULTS.noise_density,
+                                          OBJECTIVE_DEFAULTS.mean_noise_span_length)
     if req.seq_len <= longest:
         return req.seq_len
     seq_len = max(128, longest // 128 * 128)
