@@ -16,7 +16,7 @@ import glob
 import time
 
 from framework.data.curation import STAGES, CurationConfig, curate
-from framework.data.sources import stdlib_documents
+from framework.data.embedded import stdlib_documents
 
 
 def copyright_documents(pattern: str = "/usr/share/doc/*/copyright") -> list[tuple[str, str]]:

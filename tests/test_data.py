@@ -10,7 +10,8 @@ import torch
 from framework.data.config import DataConfig
 from framework.data.datamodule import MixtureSampler, PackedWindows, PretrainDataModule
 from framework.data.prepare import open_tokens, prepare_data, unigram_entropy
-from framework.data.sources import is_validation, iter_documents, stdlib_documents
+from framework.data.embedded import stdlib_documents
+from framework.data.sources import is_validation, iter_documents
 from framework.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS
 from fake_trainer import FakeTrainer
 

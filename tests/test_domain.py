@@ -13,7 +13,8 @@ from framework.adapt import (
 )
 from framework.config import to_run_config
 from framework.data.config import DataConfig
-from framework.data.sources import iter_documents, license_documents, license_fingerprint
+from framework.data.embedded import license_documents, license_fingerprint
+from framework.data.sources import iter_documents
 from framework.data.tokenizer import SPECIAL_TOKENS, extend_tokenizer, special_ids, tokenizer_hash, train_tokenizer
 from framework.models import ModelConfig
 from framework.objectives import objective_class
